@@ -1,0 +1,64 @@
+"""nics_fix: fixed-point training simulation on TensorFlow 2 / Keras 3.
+
+Four quantities can be quantized: weights, weight gradients, activations and
+activation gradients. See the README for the config format and a tour.
+
+>>> import nics_fix as nf
+>>> float(nf.fixed_point_quantize([0.3], bit_width=4, scale=0)[0])
+0.25
+"""
+
+from nics_fix.config import (
+    ConfigError,
+    DataConfig,
+    FixedConfig,
+    GradientConfig,
+    LayerFixedConfig,
+    PointConfig,
+    StorageConfig,
+    parse_cfg_from_file,
+    parse_cfg_from_str,
+)
+from nics_fix.introspect import fixed_points, layer_fixed_configs, unmatched_by_name
+from nics_fix.layers import (
+    Activation,
+    Add,
+    AveragePooling2D,
+    AvgPool2D,
+    BatchNormalization,
+    Concatenate,
+    Conv2D,
+    DepthwiseConv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    MaxPool2D,
+    MaxPooling2D,
+    Quantize,
+    ReLU,
+    Reshape,
+)
+from nics_fix.log import logger
+from nics_fix.manual import quantitize, quantize, wrap
+from nics_fix.quant import (
+    MAX_SCALE,
+    MIN_SCALE,
+    auto_scale,
+    fixed_point_quantize,
+    quantization_step,
+    quantize_ste,
+)
+from nics_fix.saving import FixedModelError, fixed_model_saver, restore_fixed_model
+from nics_fix.scope import fixed_scope, kwargs_scope, kwargs_scope_by_type
+from nics_fix.strategy import (
+    NoiseStrategy,
+    PointInfo,
+    Strategy,
+    StrategyConfig,
+    parse_strategy_cfg_from_file,
+    parse_strategy_cfg_from_str,
+    registered_strategies,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Keras layers of nics_fix: fixed-point layers and pass-through layers."""
+
+from nics_fix.layers.activation import ReLU
+from nics_fix.layers.base import FixedLayer, ScopedLayer
+from nics_fix.layers.convolutional import Conv2D, DepthwiseConv2D
+from nics_fix.layers.core import Dense
+from nics_fix.layers.normalization import BatchNormalization
+from nics_fix.layers.passthrough import (
+    Activation,
+    Add,
+    AveragePooling2D,
+    AvgPool2D,
+    Concatenate,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    MaxPool2D,
+    MaxPooling2D,
+    Reshape,
+)
+from nics_fix.layers.quantize import Quantize
+
+FIXED_LAYERS = (Dense, Conv2D, DepthwiseConv2D, BatchNormalization, ReLU, Quantize)
+
+__all__ = [
+    "Activation", "Add", "AveragePooling2D", "AvgPool2D", "BatchNormalization", "Concatenate",
+    "Conv2D", "DepthwiseConv2D", "Dense", "Dropout", "FIXED_LAYERS", "FixedLayer", "Flatten",
+    "GlobalAveragePooling2D", "MaxPool2D", "MaxPooling2D", "Quantize", "ReLU", "Reshape",
+    "ScopedLayer",
+]

@@ -1,0 +1,181 @@
+"""Mixins that turn a Keras layer into a scoped or fixed-point one.
+
+A fixed layer subclasses its Keras counterpart and changes nothing of its
+math: during ``call`` its weight attributes (``kernel``, ``bias``, ...) read
+as their quantized values, and its output goes through the activation point.
+Keras' own ``call`` runs unchanged, so with an all-``none`` config a fixed
+layer is the Keras layer, bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from nics_fix.config import LayerFixedConfig
+from nics_fix.point import FixedPoint
+from nics_fix.scope import apply_default_kwargs, resolve_for_layer
+from nics_fix.strategy import build_strategy
+
+
+def _as_training_flag(training) -> bool:
+    if training is None or isinstance(training, bool):
+        return bool(training)
+    try:
+        import tensorflow as tf
+
+        value = tf.get_static_value(training)
+    except Exception:  # noqa: BLE001 - any failure means "not static"
+        value = None
+    if value is None:
+        raise ValueError(
+            "nics_fix layers need a Python bool `training` flag (Keras fit/evaluate pass one); "
+            f"got a symbolic {training!r}")
+    return bool(value)
+
+
+class ScopedLayer:
+    """Mixin: constructor defaults from :func:`nics_fix.kwargs_scope`."""
+
+    def __init__(self, *args, **kwargs):
+        keras_cls = _keras_base(type(self))
+        kwargs = apply_default_kwargs(type(self), keras_cls.__init__, args, kwargs)
+        super().__init__(*args, **kwargs)
+
+
+def _keras_base(cls):
+    for base in cls.__mro__:
+        if base.__module__.startswith("keras"):
+            return base
+    raise TypeError(f"{cls.__name__} has no Keras layer base")
+
+
+def substitutable(name: str, keras_cls):
+    """A property for weight attribute ``name`` that can read as its quantized value.
+
+    Keras layers keep weights either behind a property (``Dense.kernel``) or as
+    a plain attribute (``bias``); both are wrapped so that, inside
+    :meth:`FixedLayer.call`, the layer's own code reads the quantized tensor.
+    """
+    parent = getattr(keras_cls, name, None)
+    store = f"_nf_var_{name}"
+
+    if isinstance(parent, property):
+        def fget(self):
+            substitutes = self.__dict__.get("_nf_substitutes")
+            if substitutes and name in substitutes:
+                return substitutes[name]
+            return parent.fget(self)
+
+        return property(fget, parent.fset, doc=parent.__doc__)
+
+    def fget(self):
+        substitutes = self.__dict__.get("_nf_substitutes")
+        if substitutes and name in substitutes:
+            return substitutes[name]
+        return self.__dict__.get(store)
+
+    def fset(self, value):
+        # Layer.__setattr__ has already tracked the variable by the time the
+        # property setter runs; store it without tracking it twice.
+        object.__setattr__(self, store, value)
+
+    return property(fget, fset)
+
+
+class FixedLayer(ScopedLayer):
+    """Mixin: weight points for ``fixed_weights`` and an output (activation) point.
+
+    Subclasses set ``fixed_weights`` (attribute names of the quantized
+    weights) and list them with :func:`substitutable` properties.
+    """
+
+    fixed_weights: tuple[str, ...] = ()
+    quantize_output = True
+
+    def __init__(self, *args, fixed_config=None, strategy_config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        config, strategy = resolve_for_layer(self, fixed_config, strategy_config)
+        self._nf_config: LayerFixedConfig = config
+        self._nf_strategy_config = strategy
+        self._nf_points = {}
+        call_params = inspect.signature(_keras_base(type(self)).call).parameters
+        self._nf_parent_takes_training = "training" in call_params
+
+    @property
+    def fixed_config(self) -> LayerFixedConfig:
+        return self._nf_config
+
+    @property
+    def strategy(self):
+        points = self.__dict__.get("_nf_points") or {}
+        first = next(iter(points.values()), None)
+        return first.strategy if first is not None else build_strategy(self._nf_strategy_config)
+
+    @property
+    def fixed_points(self) -> dict:
+        """``{key: FixedPoint}``: the weight points, then ``activation``."""
+        return dict(self._nf_points)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        strategy = build_strategy(self._nf_strategy_config)
+        for key in self.fixed_weights:
+            if getattr(self, key, None) is not None:
+                self._nf_points[key] = FixedPoint(self, key, "weight", self._nf_config.weight, strategy)
+        if self.quantize_output:
+            self._nf_points["activation"] = FixedPoint(
+                self, "activation", "activation", self._nf_config.activation, strategy)
+
+    def call(self, inputs, training=None, **kwargs):
+        training = _as_training_flag(training)
+        substitutes = {
+            key: point(getattr(self, key), training)
+            for key, point in self._nf_points.items()
+            if key != "activation" and not point.is_identity(training)
+        }
+        if self._nf_parent_takes_training:
+            kwargs["training"] = training
+        object.__setattr__(self, "_nf_substitutes", substitutes)
+        try:
+            outputs = super().call(inputs, **kwargs)
+        finally:
+            object.__setattr__(self, "_nf_substitutes", None)
+        output_point = self._nf_points.get("activation")
+        return outputs if output_point is None else output_point(outputs, training)
+
+    # Keras layers such as Dense save only the weights they know about; the
+    # scale variables travel beside them under their own keys.
+    _SCALE_KEY = "nics_fix_"
+
+    def _nf_scale_variables(self) -> list:
+        return [v for p in self._nf_points.values() for v in (p.data_scale, p.grad_scale)]
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for variable in self._nf_scale_variables():
+            store[self._SCALE_KEY + variable.name] = keras.ops.convert_to_numpy(variable)
+
+    def _check_load_own_variables(self, store):
+        # Keras' check counts every own variable, scales included, even where
+        # the layer's save_own_variables writes only its weights (Dense).
+        n_all = len(self._trainable_variables + self._non_trainable_variables)
+        if len(store.keys()) not in (n_all, n_all - len(self._nf_scale_variables())):
+            super()._check_load_own_variables(store)
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        ours = [k for k in keys if k.startswith(self._SCALE_KEY)]
+        super().load_own_variables({k: store[k] for k in keys if k not in ours})
+        scales = {self._SCALE_KEY + v.name: v for v in self._nf_scale_variables()}
+        for key in ours:
+            if key in scales:
+                scales[key].assign(store[key])
+
+    def get_config(self):
+        config = super().get_config()
+        config["fixed_config"] = self._nf_config.to_dict()
+        if self._nf_strategy_config:
+            config["strategy_config"] = [dict(s) for s in self._nf_strategy_config]
+        return config
