@@ -1,0 +1,54 @@
+"""Shared fixtures. TensorFlow is slow to import: it is imported once per worker here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout (or ``$NICS_FIX_DATA``), if present."""
+    path = Path(os.environ.get("NICS_FIX_DATA", REPO.parent / "shared" / "data"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Each test starts from the same seeds and a clean Keras name space."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    keras.backend.clear_session()
+    yield
+
+
+FIX8 = {
+    "weight": {
+        "data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"},
+        "gradient_config": {"bit_width": 8, "training": "auto"},
+    },
+    "activation": {
+        "data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"},
+        "gradient_config": {"bit_width": 8, "training": "auto"},
+    },
+}
+
+
+@pytest.fixture
+def fix8():
+    """An 8-bit config for all four quantities (a layer config dict)."""
+    import copy
+
+    return copy.deepcopy(FIX8)
