@@ -73,6 +73,9 @@ class FixedPoint:
     def __call__(self, x, training: bool = False):
         if self.is_identity(training):
             return x
+        # Read variables here: tf.custom_gradient must never see a variable read
+        # inside the function it wraps.
+        x = tf.convert_to_tensor(x)
         data: DataConfig = self.config.data
         mode = data.mode(training)
         strategy = self.strategy
