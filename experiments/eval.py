@@ -1,0 +1,30 @@
+"""Eval job: ``python -m experiments.eval run_id=<id>`` or ``model_path=<fixed_model folder>``.
+
+Restores the saved fixed model, evaluates it in not_training mode on the
+same test split, and reports whether it reproduces the recorded accuracy.
+``log_to=same|new|none`` chooses where the result is recorded.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.cli import user_errors
+from experiments.evaluation import EvalInputError, run_eval
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    with user_errors(extra=(EvalInputError,)):
+        results = run_eval(OmegaConf.to_container(cfg, resolve=True))
+    recorded = results["recorded_test_accuracy"]
+    note = "" if recorded is None else (
+        " (reproduces the recorded accuracy exactly)" if results["reproduced"]
+        else f" (recorded {recorded:.6f}: NOT reproduced)")
+    print(f"test_accuracy={results['test_accuracy']:.6f}{note}")
+    return float(results["test_accuracy"])
+
+
+if __name__ == "__main__":
+    main()

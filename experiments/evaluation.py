@@ -1,0 +1,91 @@
+"""The eval job's work: restore a saved fixed model and evaluate it.
+
+A saved model is found by MLflow run id (its ``fixed_model/`` artifact) or by
+path (a ``fixed_model`` folder written by the train job). The folder holds
+``train_config.yaml``: the data, model, fixed and strategy configs needed to
+rebuild the same model and the same test split.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+
+import nics_fix as nf
+from experiments import tracking
+from experiments.data import load_dataset
+from experiments.training import build, evaluate, seed_everything
+
+
+class EvalInputError(ValueError):
+    """Neither a usable run id nor a usable model path was given."""
+
+
+def _load_train_config(folder: Path) -> dict:
+    path = folder / "train_config.yaml"
+    if not path.is_file():
+        raise nf.FixedModelError(f"{folder}: no train_config.yaml; is this a fixed_model folder "
+                                 "written by experiments.train?")
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def restore(folder: Path):
+    """Rebuild the trained model from a fixed_model folder: ``(model, data, train_cfg)``."""
+    nf.saving.read_manifest(folder)  # clear error if the folder is not a saved model
+    train_cfg = _load_train_config(folder)
+    trainer = train_cfg["trainer"]
+    seed_everything(trainer.get("seed", 0))
+    data_cfg = dict(train_cfg["data"])
+    data_cfg.setdefault("seed", trainer.get("seed", 0))
+    data = load_dataset(data_cfg)
+    model, _ = build(train_cfg, data)
+    nf.restore_fixed_model(model, folder)
+    return model, data, train_cfg
+
+
+def run_eval(cfg: Mapping) -> dict:
+    """Evaluate a saved model; log to its run, a new run, or nowhere (``log_to``)."""
+    mlcfg = cfg.get("mlflow") or {}
+    run_id, model_path = cfg.get("run_id"), cfg.get("model_path")
+    if bool(run_id) == bool(model_path):
+        raise EvalInputError("give exactly one of run_id=<MLflow run id> or model_path=<fixed_model folder>")
+    tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if run_id:
+            try:
+                recorded = mlflow.get_run(run_id).data.metrics.get("test_accuracy")
+                folder = Path(tracking.artifact_dir_of(run_id, "fixed_model", tmp))
+            except MlflowException as err:
+                raise EvalInputError(f"run_id={run_id}: cannot read the run's fixed_model artifact "
+                                     f"from {mlflow.get_tracking_uri()}: {err.message}") from None
+        else:
+            folder, recorded = Path(model_path), None
+            if not folder.is_dir():
+                raise EvalInputError(f"model_path={folder}: no such folder")
+        model, data, train_cfg = restore(folder)
+        loss, accuracy = evaluate(model, data, int(train_cfg["trainer"].get("batch_size", 64)))
+    results = {"test_loss": loss, "test_accuracy": accuracy, "recorded_test_accuracy": recorded,
+               "reproduced": recorded is not None and recorded == accuracy}
+    log_to = cfg.get("log_to", "same")
+    metrics = {"eval.test_loss": loss, "eval.test_accuracy": accuracy}
+    if log_to == "same" and run_id:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(metrics)
+    elif log_to in ("new", "same"):
+        tags = tracking.base_tags("eval")
+        if run_id:
+            tags["nics_fix.evaluated_run"] = run_id
+        else:
+            tags["nics_fix.model_path"] = str(Path(model_path).resolve())
+        with mlflow.start_run(tags=tags) as run:
+            mlflow.log_metrics(metrics)
+            results["eval_run_id"] = run.info.run_id
+    elif log_to != "none":
+        raise EvalInputError(f"log_to must be same, new or none, got {log_to!r}")
+    return results

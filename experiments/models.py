@@ -1,0 +1,110 @@
+"""Model zoo of the platform: MLP, LeNet-5 and VGG11, built from ``nics_fix`` layers.
+
+Layer names are stable and predictable (``dense1``, ``conv1``, ``bn1``,
+``relu1``, ...), because per-layer bit allocations (``fixed.by_name``),
+MLflow params (``bits.dense1.weight.data``) and the search all key on them.
+
+>>> model, scope = build_model({"name": "mlp", "hidden_units": [16]}, (8, 8, 1), 10)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+
+import nics_fix as nf
+
+MODELS = ("mlp", "lenet5", "vgg11")
+
+
+class ModelConfigError(ValueError):
+    """A model config names an unknown model or has a bad field."""
+
+
+class _Names:
+    """Counts layers per kind: dense1, dense2, relu1, ..."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, kind: str) -> str:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return f"{kind}{self.counts[kind]}"
+
+
+def _activation(x, names, cfg):
+    x = nf.ReLU(name=names("relu"))(x)
+    return x
+
+
+def _mlp(inputs, num_classes, cfg, names):
+    x = nf.Flatten(name="flatten")(inputs) if len(inputs.shape) > 2 else inputs
+    for units in cfg.get("hidden_units", [128, 128]):
+        x = nf.Dense(int(units), name=names("dense"))(x)
+        if cfg.get("batch_norm", False):
+            x = nf.BatchNormalization(name=names("bn"))(x)
+        x = _activation(x, names, cfg)
+        if cfg.get("dropout", 0.0):
+            x = nf.Dropout(float(cfg["dropout"]), name=names("dropout"))(x)
+    return nf.Dense(num_classes, name=names("dense"))(x)
+
+
+def _pool_if_possible(x, names):
+    # Small inputs (8x8 digits) cannot take every pooling of a 32x32 design.
+    if min(x.shape[1], x.shape[2]) >= 2:
+        return nf.MaxPool2D(2, name=names("pool"))(x)
+    return x
+
+
+def _lenet5(inputs, num_classes, cfg, names):
+    x = inputs
+    for filters in cfg.get("conv_filters", [6, 16]):
+        x = nf.Conv2D(int(filters), 5, padding="same", name=names("conv"))(x)
+        x = _activation(x, names, cfg)
+        x = _pool_if_possible(x, names)
+    x = nf.Flatten(name="flatten")(x)
+    for units in cfg.get("hidden_units", [120, 84]):
+        x = nf.Dense(int(units), name=names("dense"))(x)
+        x = _activation(x, names, cfg)
+    return nf.Dense(num_classes, name=names("dense"))(x)
+
+
+VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def _vgg11(inputs, num_classes, cfg, names):
+    width = float(cfg.get("width", 1.0))
+    x = inputs
+    for item in cfg.get("layers", VGG11):
+        if item == "M":
+            x = _pool_if_possible(x, names)
+            continue
+        x = nf.Conv2D(max(1, int(round(int(item) * width))), 3, padding="same",
+                      use_bias=not cfg.get("batch_norm", True), name=names("conv"))(x)
+        if cfg.get("batch_norm", True):
+            x = nf.BatchNormalization(name=names("bn"))(x)
+        x = _activation(x, names, cfg)
+    x = nf.Flatten(name="flatten")(x)
+    for units in cfg.get("hidden_units", [512]):
+        x = nf.Dense(max(1, int(round(int(units) * width))), name=names("dense"))(x)
+        x = _activation(x, names, cfg)
+        if cfg.get("dropout", 0.0):
+            x = nf.Dropout(float(cfg["dropout"]), name=names("dropout"))(x)
+    return nf.Dense(num_classes, name=names("dense"))(x)
+
+
+_BUILDERS = {"mlp": _mlp, "lenet5": _lenet5, "vgg11": _vgg11}
+
+
+def build_model(model_cfg: Mapping, input_shape, num_classes: int, fixed_cfg=None, strategy_cfg=None):
+    """Build the configured model inside a ``fixed_scope``; return ``(model, scope)``."""
+    name = model_cfg.get("name")
+    if name not in _BUILDERS:
+        raise ModelConfigError(f"model.name: unknown model {name!r}; available: {', '.join(MODELS)}")
+    names = _Names()
+    with nf.fixed_scope(name, fixed_cfg, strategy_cfg) as scope:
+        inputs = keras.Input(tuple(input_shape), name="inputs")
+        outputs = _BUILDERS[name](inputs, num_classes, model_cfg, names)
+        model = keras.Model(inputs, outputs, name=name)
+    return model, scope

@@ -1,0 +1,204 @@
+"""What a run records in MLflow, and under which names.
+
+Names are part of the platform's interface (``analysis/`` and the search read
+them), so they are defined here once:
+
+* params ``<group>.<key>`` — the composed config flattened (data, model,
+  trainer, strategy); ``choice.<group>`` — the Hydra choice (``choice.fixed=w8a8``);
+* params ``bits.<layer>.<weight|activation>.<data|grad>`` — bit width of every
+  quantization point per layer, ``float`` where unquantized (also
+  ``bits.<layer>.weight.storage`` for THDH storage), and
+  ``mode.<layer>.<quantity>.<data|grad>`` — its modes (``auto/fixed``);
+* metrics per epoch (``step`` = epoch): ``train_loss``, ``train_accuracy``,
+  ``val_loss``, ``val_accuracy``, any other epoch log (e.g. THDH counters),
+  and ``scale.<layer>.<variable>.<data|grad>`` for every point;
+* final metrics ``test_loss``, ``test_accuracy``, and the cost model:
+  ``cost.total_weight_bits``, ``cost.avg_weight_bits``,
+  ``cost.avg_activation_bits``, ``cost.bops``, ``cost.train_bops``;
+* artifacts ``config/train_config.yaml`` (the composed Hydra config),
+  ``config/fixed_config.yaml`` (resolved per-layer, core format),
+  ``config/strategy_config.yaml``, ``fixed_model/`` (nics_fix saver);
+* tags ``nics_fix.role`` (train/eval/search/trial), ``hydra.*`` (sweep dir,
+  job number), ``mlflow.source.git.commit``, and ``error`` on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import keras
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+import nics_fix as nf
+from nics_fix.cost import bops, cost_summary, data_bits
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
+
+
+def flatten(value, prefix: str = "") -> dict[str, str]:
+    """Nested mappings/lists to ``{"a.b.c": "value"}`` with string values."""
+    out: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        if not value and prefix:
+            out[prefix] = "{}"
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = ",".join(str(v) for v in value)[:MAX_PARAM_LENGTH]
+    else:
+        out[prefix] = str(value)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def _mode_text(config) -> str:
+    if hasattr(config, "not_training"):
+        return f"{config.training}/{config.not_training}"
+    return str(config.training)
+
+
+def point_params(model) -> dict[str, str]:
+    """``bits.*`` and ``mode.*`` params: one per layer, quantity and direction."""
+    params: dict[str, str] = {}
+    for layer in nf.introspect.fixed_layers(model):
+        cfg = layer.fixed_config
+        quantities = ["activation"]
+        if any(p.kind == "weight" for p in layer.fixed_points.values()):
+            quantities.insert(0, "weight")
+        for quantity in quantities:
+            point = getattr(cfg, quantity)
+            for direction, sub in (("data", point.data), ("grad", point.gradient)):
+                bits = data_bits(sub)
+                params[f"bits.{layer.name}.{quantity}.{direction}"] = "float" if sub.is_float else str(bits)
+                params[f"mode.{layer.name}.{quantity}.{direction}"] = _mode_text(sub)
+            if quantity == "weight" and not point.storage.is_float:
+                params[f"bits.{layer.name}.weight.storage"] = str(point.storage.bit_width)
+    return params
+
+
+def cost_metrics(model) -> dict[str, float]:
+    summary = cost_summary(model)
+    return {
+        "cost.total_weight_bits": float(summary["total_weight_bits"]),
+        "cost.avg_weight_bits": float(summary["avg_weight_bits"]),
+        "cost.avg_activation_bits": float(summary["avg_activation_bits"]),
+        "cost.bops": float(bops(model)),
+        "cost.train_bops": float(bops(model, training=True)),
+    }
+
+
+def scale_metrics(model) -> dict[str, float]:
+    out = {}
+    for p in nf.fixed_points(model):
+        out[f"scale.{p.layer}.{p.variable}.data"] = float(p.data_scale)
+        out[f"scale.{p.layer}.{p.variable}.grad"] = float(p.grad_scale)
+    return out
+
+
+_RENAMES = {"loss": "train_loss", "accuracy": "train_accuracy"}
+
+
+def epoch_metrics(logs: Mapping) -> dict[str, float]:
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[_RENAMES.get(key, key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def log_batch(run_id: str, metrics=None, params=None, tags=None, step: int = 0) -> None:
+    """Log many values in few requests (MLflow takes 1000 metrics / 100 params a batch)."""
+    client = MlflowClient()
+    import time
+
+    now = int(time.time() * 1000)
+    metric_list = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+    param_list = [Param(k, str(v)) for k, v in (params or {}).items()]
+    tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(metric_list), 1), 1000):
+        chunk = metric_list[i:i + 1000]
+        if chunk:
+            client.log_batch(run_id, metrics=chunk)
+    for i in range(0, len(param_list), 100):
+        client.log_batch(run_id, params=param_list[i:i + 100])
+    if tag_list:
+        client.log_batch(run_id, tags=tag_list)
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs every epoch's Keras logs and every point's scales to an MLflow run."""
+
+    def __init__(self, run_id: str, first_epoch: int = 0):
+        super().__init__()
+        self.run_id = run_id
+        self.first_epoch = first_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = epoch_metrics(logs)
+        metrics.update(scale_metrics(self.model))
+        log_batch(self.run_id, metrics=metrics, step=epoch)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hydra_tags() -> dict[str, str]:
+    """Sweep directory, job number and choices of the running Hydra job, if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    tags = {
+        "hydra.mode": str(hc.mode.name if hc.mode is not None else "RUN"),
+        "hydra.output_dir": str(hc.runtime.output_dir),
+        "hydra.job_name": str(hc.job.name),
+    }
+    if hc.mode is not None and hc.mode.name == "MULTIRUN":
+        tags["hydra.sweep_dir"] = str(hc.sweep.dir)
+        tags["hydra.job_num"] = str(hc.job.num)
+    return tags
+
+
+def hydra_choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+    except (ImportError, ValueError):
+        return {}
+    return {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+
+
+def setup(tracking_uri: str, experiment_name: str) -> None:
+    """Point MLflow at the configured store and experiment."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_name)
+
+
+def base_tags(role: str) -> dict[str, str]:
+    tags = {"nics_fix.role": role, **hydra_tags()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def artifact_dir_of(run_id: str, artifact_path: str, dst: str | os.PathLike) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                               dst_path=str(dst))

@@ -1,0 +1,215 @@
+"""The train job's work: data, model in a fixed scope, Keras fit, MLflow record.
+
+:func:`run_training` takes the composed config as a plain dict (Hydra's
+``DictConfig`` converted by the entry point) so it can also be called from
+Python, tests and the search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+import yaml
+
+import nics_fix as nf
+from experiments import tracking
+from experiments.data import Dataset, load_dataset
+from experiments.models import build_model
+
+
+class TrainConfigError(ValueError):
+    """A trainer/optimizer setting is invalid (names the key)."""
+
+
+def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """A batched ``tf.data`` pipeline with autotuning off.
+
+    ``fit`` on NumPy arrays or an autotuned pipeline stalls for seconds at the
+    start of many epochs on small CPUs; a fixed pipeline does not.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def make_optimizer(trainer: Mapping, steps_per_epoch: int):
+    opt = dict(trainer.get("optimizer") or {})
+    name = str(opt.get("name", "adam")).lower()
+    lr = opt.get("learning_rate", 1e-3)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise TrainConfigError(f"trainer.optimizer.learning_rate must be a positive number, got {lr!r}")
+    schedule = dict(trainer.get("lr_schedule") or {})
+    kind = str(schedule.get("name", "constant")).lower()
+    epochs = int(trainer.get("epochs", 1))
+    if kind == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(float(lr), decay_steps=max(1, epochs * steps_per_epoch))
+    elif kind == "step":
+        every = int(schedule.get("step_epochs", 10)) * steps_per_epoch
+        gamma = float(schedule.get("gamma", 0.1))
+        boundaries = list(range(every, epochs * steps_per_epoch, every))
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries, [float(lr) * gamma ** i for i in range(len(boundaries) + 1)])
+    elif kind != "constant":
+        raise TrainConfigError(
+            f"trainer.lr_schedule.name must be constant, cosine or step, got {kind!r}")
+    wd = opt.get("weight_decay")
+    if name == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=wd)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=wd if wd is not None else 0.004)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=float(opt.get("momentum", 0.0) or 0.0), weight_decay=wd)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(lr, weight_decay=wd)
+    raise TrainConfigError(f"trainer.optimizer.name must be adam, adamw, sgd or rmsprop, got {name!r}")
+
+
+def _source(group: str, choices: Mapping) -> str:
+    choice = choices.get(group)
+    if choice:
+        return f"{group}={choice} (conf/{group}/{choice}.yaml)"
+    return group
+
+
+def build(cfg: Mapping, data: Dataset, choices: Mapping | None = None):
+    """Parse the fixed/strategy configs and build the model: ``(model, scope)``."""
+    choices = choices or {}
+    fixed = nf.FixedConfig.from_dict(cfg.get("fixed") or {}, source=_source("fixed", choices))
+    strategy = nf.StrategyConfig.from_dict(cfg.get("strategy") or {}, source=_source("strategy", choices))
+    return build_model(cfg["model"], data.input_shape, data.num_classes, fixed, strategy)
+
+
+def compile_model(model, trainer: Mapping, steps_per_epoch: int):
+    optimizer = make_optimizer(trainer, steps_per_epoch)
+    if _has_storage_configs(model):
+        optimizer = _storage_optimizer(optimizer, model, trainer)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=bool(trainer.get("jit_compile", False)),
+    )
+    return model
+
+
+def _has_storage_configs(model) -> bool:
+    return any(not layer.fixed_config.weight.storage.is_float for layer in nf.introspect.fixed_layers(model))
+
+
+def _storage_optimizer(optimizer, model, trainer):
+    thdh = dict(trainer.get("thdh") or {})
+    return nf.fixed_storage_optimizer(
+        optimizer, model,
+        update_config=thdh.get("update_config"),
+        state_config=thdh.get("state_config"),
+        power_of_two_lr=bool(thdh.get("power_of_two_lr", False)),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    keras.utils.set_random_seed(int(seed))
+    with contextlib.suppress(Exception):  # already enabled in this process is fine
+        tf.config.experimental.enable_op_determinism()
+
+
+def _callbacks(model, run_id, trainer):
+    callbacks = [tracking.MlflowEpochLogger(run_id)]
+    counters = getattr(nf, "UpdateCountersCallback", None)
+    if counters is not None and _has_storage_configs(model):
+        callbacks.insert(0, counters())
+    return callbacks
+
+
+def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapping | None = None,
+                 run_tags: Mapping | None = None, nested: bool = False) -> dict:
+    """Train, evaluate and record one run; return its final metrics and run id.
+
+    The MLflow run is started before anything can fail, so every failure
+    (a bad fixed config, a missing dataset) ends as a FAILED run with an
+    ``error`` tag, never as a run left RUNNING.
+    """
+    choices = dict(choices if choices is not None else tracking.hydra_choices())
+    mlcfg = cfg.get("mlflow") or {}
+    tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
+    trainer = cfg["trainer"]
+    tags = {**tracking.base_tags("train"), **(run_tags or {})}
+    with mlflow.start_run(run_name=mlcfg.get("run_name"), tags=tags, nested=nested) as run:
+        run_id = run.info.run_id
+        try:
+            return _train_in_run(cfg, trainer, run_id, choices, output_dir)
+        except BaseException as err:
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+
+
+def _train_in_run(cfg, trainer, run_id, choices, output_dir) -> dict:
+    params = {}
+    for group in ("data", "model", "trainer", "strategy"):
+        params.update(tracking.flatten(cfg.get(group) or {}, group))
+    params.update({f"choice.{k}": v for k, v in choices.items()})
+    tracking.log_batch(run_id, params=params)
+    mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
+
+    seed_everything(trainer.get("seed", 0))
+    data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
+    model, scope = build(cfg, data, choices)
+    if scope.unmatched_names():
+        mlflow.set_tag("nics_fix.unmatched_by_name", ",".join(scope.unmatched_names()))
+    tracking.log_batch(run_id, params=tracking.point_params(model), metrics=tracking.cost_metrics(model))
+    mlflow.log_text(yaml.safe_dump(scope.fixed_config_dict(), sort_keys=False), "config/fixed_config.yaml")
+    mlflow.log_text(yaml.safe_dump(_plain(cfg.get("strategy") or {}), sort_keys=False),
+                    "config/strategy_config.yaml")
+
+    batch_size = int(trainer.get("batch_size", 64))
+    steps = max(1, math.ceil(len(data.x_train) / batch_size))
+    compile_model(model, trainer, steps)
+    train_ds = make_dataset(data.x_train, data.y_train, batch_size, True, int(trainer.get("seed", 0)))
+    val_ds = make_dataset(data.x_val, data.y_val, batch_size, False, 0) if len(data.x_val) else None
+    history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), shuffle=False,
+                        verbose=int(trainer.get("verbose", 2)), callbacks=_callbacks(model, run_id, trainer))
+    test_loss, test_accuracy = evaluate(model, data, batch_size)
+    results = {"test_loss": test_loss, "test_accuracy": test_accuracy}
+    if "val_accuracy" in history.history:
+        results["val_accuracy"] = float(history.history["val_accuracy"][-1])
+        results["val_loss"] = float(history.history["val_loss"][-1])
+    mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+
+    if trainer.get("save_model", True):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(output_dir or tmp) / "fixed_model"
+            nf.fixed_model_saver(model, fixed_weight=bool(trainer.get("save_fixed_weight", False))).save(folder)
+            (folder / "train_config.yaml").write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+            mlflow.log_artifacts(str(folder), "fixed_model")
+    results["run_id"] = run_id
+    results["objective"] = results.get("val_accuracy", test_accuracy)
+    return results
+
+
+def evaluate(model, data: Dataset, batch_size: int) -> tuple[float, float]:
+    """Test loss and accuracy in evaluation (not_training) mode, in a fixed batch order."""
+    test_ds = make_dataset(data.x_test, data.y_test, batch_size, False, 0)
+    loss, accuracy = model.evaluate(test_ds, verbose=0)
+    return float(loss), float(accuracy)
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
