@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 import nics_fix as nf
 from experiments import tracking
 from experiments.data import load_dataset
-from experiments.training import build, evaluate, seed_everything
+from experiments.training import build, compile_model, evaluate, seed_everything
 
 
 class EvalInputError(ValueError):
@@ -46,6 +46,9 @@ def restore(folder: Path):
     data = load_dataset(data_cfg)
     model, _ = build(train_cfg, data)
     nf.restore_fixed_model(model, folder)
+    # Same loss/metrics and the same jit_compile as in training: XLA fuses ops
+    # differently, and evaluation must reproduce the training run's numbers.
+    compile_model(model, trainer, steps_per_epoch=1)
     return model, data, train_cfg
 
 
