@@ -134,8 +134,11 @@ def _callbacks(model, run_id, trainer):
 
 
 def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapping | None = None,
-                 run_tags: Mapping | None = None, nested: bool = False) -> dict:
+                 run_tags: Mapping | None = None, nested: bool = False, callbacks=None) -> dict:
     """Train, evaluate and record one run; return its final metrics and run id.
+
+    ``callbacks`` are extra Keras callbacks (e.g. a search's pruning callback);
+    ``run_tags`` extra MLflow tags; ``nested`` starts a child of the active run.
 
     The MLflow run is started before anything can fail, so every failure
     (a bad fixed config, a missing dataset) ends as a FAILED run with an
@@ -149,13 +152,13 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     with mlflow.start_run(run_name=mlcfg.get("run_name"), tags=tags, nested=nested) as run:
         run_id = run.info.run_id
         try:
-            return _train_in_run(cfg, trainer, run_id, choices, output_dir)
+            return _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [])
         except BaseException as err:
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
             raise
 
 
-def _train_in_run(cfg, trainer, run_id, choices, output_dir) -> dict:
+def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks) -> dict:
     params = {}
     for group in ("data", "model", "trainer", "strategy"):
         params.update(tracking.flatten(cfg.get(group) or {}, group))
@@ -179,7 +182,7 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir) -> dict:
     train_ds = make_dataset(data.x_train, data.y_train, batch_size, True, int(trainer.get("seed", 0)))
     val_ds = make_dataset(data.x_val, data.y_val, batch_size, False, 0) if len(data.x_val) else None
     history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), shuffle=False,
-                        verbose=int(trainer.get("verbose", 2)), callbacks=_callbacks(model, run_id, trainer))
+                        verbose=int(trainer.get("verbose", 2)), callbacks=_callbacks(model, run_id, trainer) + list(extra_callbacks))
     test_loss, test_accuracy = evaluate(model, data, batch_size)
     results = {"test_loss": test_loss, "test_accuracy": test_accuracy}
     if "val_accuracy" in history.history:
