@@ -13,11 +13,12 @@ USER_ERRORS: tuple[type, ...] = (ConfigError, FixedModelError)
 
 
 def _user_error_types() -> tuple[type, ...]:
+    from experiments.checkpoint import ResumeError
     from experiments.data import DataError
     from experiments.models import ModelConfigError
     from experiments.training import TrainConfigError
 
-    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError)
+    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError, ResumeError)
 
 
 def _in_multirun() -> bool:

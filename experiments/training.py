@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import tensorflow as tf
 import yaml
 
 import nics_fix as nf
-from experiments import tracking
+from experiments import checkpoint, tracking
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
 
@@ -139,39 +141,114 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
 
     ``callbacks`` are extra Keras callbacks (e.g. a search's pruning callback);
     ``run_tags`` extra MLflow tags; ``nested`` starts a child of the active run.
+    With ``output_dir``, a checkpoint is saved there every epoch, and
+    ``trainer.resume`` (a run id, a checkpoint folder, or ``true`` for the
+    latest interrupted run of the experiment) continues that run.
 
     The MLflow run is started before anything can fail, so every failure
     (a bad fixed config, a missing dataset) ends as a FAILED run with an
-    ``error`` tag, never as a run left RUNNING.
+    ``error`` tag, and an interrupt (Ctrl-C, SIGTERM) as KILLED: never a run
+    left RUNNING.
     """
     choices = dict(choices if choices is not None else tracking.hydra_choices())
     mlcfg = cfg.get("mlflow") or {}
     tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
     trainer = cfg["trainer"]
-    tags = {**tracking.base_tags("train"), **(run_tags or {})}
-    with mlflow.start_run(run_name=mlcfg.get("run_name"), tags=tags, nested=nested) as run:
-        run_id = run.info.run_id
-        try:
-            return _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [])
-        except BaseException as err:
-            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-            raise
+    resume_folder, resume_run = _find_resume(trainer.get("resume"), mlcfg.get("experiment_name", "nics_fix"))
+    tags = {**tracking.base_tags("train"), **checkpoint.process_tags(), **(run_tags or {})}
+    if resume_run:
+        run = mlflow.start_run(run_id=resume_run, nested=nested)
+        mlflow.set_tags({**checkpoint.process_tags(), "nics_fix.resumed": "true"})
+    else:
+        run = mlflow.start_run(run_name=mlcfg.get("run_name"), tags=tags, nested=nested)
+    run_id = run.info.run_id
+    folder = resume_folder or (Path(output_dir) / "checkpoint" if output_dir and trainer.get("checkpoint", True)
+                               else None)
+    if folder is not None:
+        mlflow.set_tag("nics_fix.checkpoint_dir", str(Path(folder).resolve()))
+    try:
+        with _sigterm_as_interrupt():
+            results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
+                                    resumed=bool(resume_run))
+    except BaseException as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
+        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run("KILLED" if interrupted else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    return results
 
 
-def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks) -> dict:
-    params = {}
-    for group in ("data", "model", "trainer", "strategy"):
-        params.update(tracking.flatten(cfg.get(group) or {}, group))
-    params.update({f"choice.{k}": v for k, v in choices.items()})
-    tracking.log_batch(run_id, params=params)
-    mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what schedulers send) ends the run as KILLED instead of leaving it RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _find_resume(resume, experiment_name: str):
+    """``trainer.resume`` → (checkpoint folder, run id), or (None, None) for a fresh run."""
+    if resume in (None, False, "", "false"):
+        return None, None
+    client = mlflow.tracking.MlflowClient()
+    if resume is True or str(resume).lower() in ("true", "last"):
+        experiment = client.get_experiment_by_name(experiment_name)
+        runs = [] if experiment is None else client.search_runs(
+            [experiment.experiment_id], filter_string="attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=200)
+        for run in runs:
+            folder = run.data.tags.get("nics_fix.checkpoint_dir")
+            if run.info.status == "RUNNING" and not checkpoint.is_stale(run):
+                continue  # still training somewhere
+            if folder and (Path(folder) / checkpoint.STATE_JSON).is_file():
+                return Path(folder), run.info.run_id
+        raise checkpoint.ResumeError(
+            f"trainer.resume=true: experiment {experiment_name!r} has no interrupted run with a checkpoint")
+    if Path(str(resume)).is_dir():
+        state = checkpoint.read_state(Path(str(resume)))
+        return Path(str(resume)), state["run_id"]
+    try:
+        run = client.get_run(str(resume))
+    except mlflow.exceptions.MlflowException:
+        raise checkpoint.ResumeError(
+            f"trainer.resume={resume}: neither a checkpoint folder nor a run id of {mlflow.get_tracking_uri()}"
+        ) from None
+    folder = run.data.tags.get("nics_fix.checkpoint_dir")
+    if not folder:
+        raise checkpoint.ResumeError(f"trainer.resume={resume}: the run recorded no checkpoint folder")
+    if run.info.status == "RUNNING" and not checkpoint.is_stale(run):
+        raise checkpoint.ResumeError(f"trainer.resume={resume}: the run is still RUNNING in a live process "
+                                     f"(pid {run.data.tags.get('nics_fix.pid')})")
+    checkpoint.read_state(Path(folder))
+    return Path(folder), run.info.run_id
+
+
+def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, folder, resumed) -> dict:
+    if not resumed:  # a resumed run has its params already (MLflow refuses changed values)
+        params = {}
+        for group in ("data", "model", "trainer", "strategy"):
+            params.update(tracking.flatten(cfg.get(group) or {}, group))
+        params.update({f"choice.{k}": v for k, v in choices.items()})
+        tracking.log_batch(run_id, params=params)
+        mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
 
     seed_everything(trainer.get("seed", 0))
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
     model, scope = build(cfg, data, choices)
     if scope.unmatched_names():
         mlflow.set_tag("nics_fix.unmatched_by_name", ",".join(scope.unmatched_names()))
-    tracking.log_batch(run_id, params=tracking.point_params(model), metrics=tracking.cost_metrics(model))
+    if not resumed:
+        tracking.log_batch(run_id, params=tracking.point_params(model), metrics=tracking.cost_metrics(model))
     mlflow.log_text(yaml.safe_dump(scope.fixed_config_dict(), sort_keys=False), "config/fixed_config.yaml")
     mlflow.log_text(yaml.safe_dump(_plain(cfg.get("strategy") or {}), sort_keys=False),
                     "config/strategy_config.yaml")
@@ -181,8 +258,15 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks) ->
     compile_model(model, trainer, steps)
     train_ds = make_dataset(data.x_train, data.y_train, batch_size, True, int(trainer.get("seed", 0)))
     val_ds = make_dataset(data.x_val, data.y_val, batch_size, False, 0) if len(data.x_val) else None
+    initial_epoch = 0
+    if resumed:
+        initial_epoch = checkpoint.load_checkpoint(folder, model)
+        mlflow.set_tag("nics_fix.resumed_from_epoch", str(initial_epoch))
+    callbacks = _callbacks(model, run_id, trainer) + list(extra_callbacks)
+    if folder is not None:
+        callbacks.append(checkpoint.CheckpointCallback(folder, run_id))
     history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), shuffle=False,
-                        verbose=int(trainer.get("verbose", 2)), callbacks=_callbacks(model, run_id, trainer) + list(extra_callbacks))
+                        initial_epoch=initial_epoch, verbose=int(trainer.get("verbose", 2)), callbacks=callbacks)
     test_loss, test_accuracy = evaluate(model, data, batch_size)
     results = {"test_loss": test_loss, "test_accuracy": test_accuracy}
     if "val_accuracy" in history.history:

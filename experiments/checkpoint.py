@@ -1,0 +1,134 @@
+"""Per-epoch checkpoints of a train job, and finding the run to resume.
+
+A checkpoint folder holds ``state.npz`` (every model variable — weights,
+scales, BN statistics — and every optimizer variable, in creation order) and
+``state.json`` (the next epoch, the MLflow run id). Both are written to a
+temporary name and renamed, so a SIGKILL at any instant leaves the previous
+complete checkpoint, never a torn one.
+
+The run records its checkpoint folder in the tag ``nics_fix.checkpoint_dir``,
+and its host and process id in ``nics_fix.host`` / ``nics_fix.pid``: that is
+how a RUNNING run whose process died (SIGKILL, power loss) is told apart from
+one still training (see :func:`is_stale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import keras
+import numpy as np
+
+STATE_ARRAYS = "state.npz"
+STATE_JSON = "state.json"
+
+
+class ResumeError(ValueError):
+    """Nothing to resume from where the user pointed."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model_{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        arrays.update({f"optimizer_{i}": keras.ops.convert_to_numpy(v)
+                       for i, v in enumerate(optimizer.variables)})
+
+    def write_arrays(tmp):
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    _atomic_write(folder / STATE_ARRAYS, write_arrays)
+    state = {"next_epoch": int(next_epoch), "run_id": run_id}
+    _atomic_write(folder / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(state)))
+
+
+def read_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_JSON
+    if not path.is_file() or not (Path(folder) / STATE_ARRAYS).is_file():
+        raise ResumeError(f"{folder}: no checkpoint (state.json and state.npz) to resume from")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(folder: Path, model) -> int:
+    """Restore model and optimizer variables; return the epoch to continue from."""
+    state = read_state(folder)
+    with np.load(Path(folder) / STATE_ARRAYS) as data:
+        arrays = {k: data[k] for k in data.files}
+    variables = list(model.variables)
+    n_model = sum(k.startswith("model_") for k in arrays)
+    if n_model != len(variables):
+        raise ResumeError(f"{folder}: checkpoint has {n_model} model variables, the model {len(variables)}: "
+                          "was the config changed since the run started?")
+    for i, variable in enumerate(variables):
+        variable.assign(arrays[f"model_{i}"])
+    opt_keys = [k for k in arrays if k.startswith("optimizer_")]
+    if opt_keys:
+        optimizer = model.optimizer
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        opt_vars = list(optimizer.variables)
+        if len(opt_vars) != len(opt_keys):
+            raise ResumeError(f"{folder}: checkpoint has {len(opt_keys)} optimizer variables, "
+                              f"the optimizer {len(opt_vars)}")
+        for i, variable in enumerate(opt_vars):
+            variable.assign(arrays[f"optimizer_{i}"])
+    return int(state["next_epoch"])
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves a checkpoint at the end of every epoch."""
+
+    def __init__(self, folder: Path, run_id: str):
+        super().__init__()
+        self.folder = Path(folder)
+        self.run_id = run_id
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_checkpoint(self.folder, self.model, epoch + 1, self.run_id)
+
+
+def process_tags() -> dict[str, str]:
+    return {"nics_fix.host": socket.gethostname(), "nics_fix.pid": str(os.getpid())}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale(run) -> bool:
+    """A RUNNING run whose process is gone (same host, pid not alive)."""
+    if run.info.status != "RUNNING":
+        return False
+    tags = run.data.tags
+    if tags.get("nics_fix.host") != socket.gethostname() or "nics_fix.pid" not in tags:
+        return False  # another machine's run: only its own host can tell
+    return not pid_alive(int(tags["nics_fix.pid"]))
+
+
+def close_stale_runs(client, experiment_ids, status: str = "KILLED") -> list[str]:
+    """End every stale RUNNING run of these experiments as KILLED; return their ids."""
+    closed = []
+    for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'",
+                                  max_results=5000):
+        if is_stale(run):
+            client.set_tag(run.info.run_id, "nics_fix.closed_as_stale", "process gone")
+            client.set_terminated(run.info.run_id, status)
+            closed.append(run.info.run_id)
+    return closed
