@@ -232,7 +232,7 @@ class PointConfig:
 
     def to_dict(self) -> dict:
         out = {"data_config": self.data.to_dict(), "gradient_config": self.gradient.to_dict()}
-        if not self.storage.is_float:
+        if self.storage != StorageConfig():  # not `is_float`: keep a bit width given with scale none
             out["storage_config"] = self.storage.to_dict()
         return out
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import keras
@@ -142,9 +144,15 @@ def read_manifest(path) -> dict:
             manifest = json.load(handle)
     except (OSError, ValueError) as err:
         raise FixedModelError(f"{path / MANIFEST_FILE}: unreadable manifest: {err}") from None
+    if not isinstance(manifest, dict):
+        raise FixedModelError(f"{path / MANIFEST_FILE}: unreadable manifest: not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FixedModelError(f"{path / MANIFEST_FILE}: format_version "
                               f"{manifest.get('format_version')!r} is not {FORMAT_VERSION}")
+    for key, kind in (("layers", dict), ("points", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise FixedModelError(f"{path / MANIFEST_FILE}: unreadable manifest: {key!r} is missing "
+                                  f"or not a {'mapping' if kind is dict else 'list'}")
     return manifest
 
 
@@ -161,7 +169,8 @@ def restore_fixed_model(model_or_scope, path, strict: bool = True):
     try:
         with np.load(path / WEIGHTS_FILE) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # A truncated or damaged .npz raises BadZipFile/zlib.error, not OSError.
         raise FixedModelError(f"{path / WEIGHTS_FILE}: unreadable weights: {err}") from None
     missing = sorted(set(arrays) - set(variables))
     unset = sorted(set(variables) - set(arrays))

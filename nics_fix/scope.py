@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from nics_fix.config import FLOAT, FixedConfig, LayerFixedConfig, as_fixed_config
 from nics_fix.log import logger
-from nics_fix.strategy import StrategyConfig, as_strategy_config
+from nics_fix.strategy import StrategyConfig, _build_entry, as_strategy_config
 
 _state = threading.local()
 
@@ -104,9 +104,11 @@ def resolve_for_layer(layer, fixed_config=None, strategy_config=None):
     scoped_config, scoped_strategy = scope.resolve(layer) if scope is not None else (FLOAT, None)
     config = scoped_config if fixed_config is None else LayerFixedConfig.from_dict(
         fixed_config, f"{layer.name}.fixed_config")
-    strategy = scoped_strategy if strategy_config is None else strategy_config
-    if isinstance(strategy, Mapping):
-        strategy = [dict(strategy)]
+    if strategy_config is None:
+        strategy = scoped_strategy
+    else:  # validated like a strategy file, so a typo is a ConfigError, not a KeyError at build
+        entries = list(strategy_config) if isinstance(strategy_config, tuple) else strategy_config
+        strategy = _build_entry(entries, f"{layer.name}.strategy_config", None)
     return config, strategy
 
 

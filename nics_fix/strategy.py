@@ -326,6 +326,9 @@ def _build_entry(entry, path, source) -> list[dict]:
         name = item.get("name")
         if name is None:
             raise ConfigError("a strategy entry needs a 'name'", ipath, source)
+        if not isinstance(name, str):
+            raise ConfigError(f"strategy name must be a string, got {name!r}; registered strategies: "
+                              f"{', '.join(registered_strategies())}", _join(ipath, "name"), source)
         if name not in _REGISTRY or name == StrategyChain.name:
             raise ConfigError(
                 f"unknown strategy {name!r}; registered strategies: {', '.join(registered_strategies())}",
