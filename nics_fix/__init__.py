@@ -62,3 +62,18 @@ from nics_fix.strategy import (
 )
 
 __version__ = "0.1.0"
+
+# THDH (issue 6): weights stored in fixed point, the update path, gradient buffer, counters.
+from nics_fix.optimizers import (  # noqa: E402
+    FixedStorageOptimizer,
+    PowerOfTwoSchedule,
+    fixed_storage_optimizer,
+    floor_power_of_two,
+    lr_shift,
+)
+from nics_fix.thdh import (  # noqa: E402
+    GradientBufferStrategy,
+    UpdateCountersCallback,
+    buffer_scale,
+    buffer_strategy_config,
+)
