@@ -424,7 +424,8 @@ def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
     # Per-feature rows (the channel stats tiled over pixels) keep numpy's inner loop long.
     flat = _rows(x)
     repeats = flat.shape[1] // len(mean)
-    out = np.subtract(flat, np.tile(mean, repeats).astype(np.float32), dtype=np.float32)
+    out = flat.astype(np.float32)  # cast first: a casting subtract is several times slower
+    out -= np.tile(mean, repeats).astype(np.float32)
     out /= np.tile(std, repeats).astype(np.float32)
     return out.reshape(x.shape)
 
