@@ -26,20 +26,6 @@ def _fresh_keras_state():
     yield
 
 
-def _quantize_layer_works() -> bool:
-    try:
-        nf.Quantize()(np.zeros((1,), np.float32))
-    except NotImplementedError:
-        return False
-    return True
-
-
-# nics_fix.Quantize.call ends in keras.layers.Layer.call (NotImplementedError): a bug in
-# nics_fix/layers/quantize.py, reported. Strict: once fixed these run for real.
-QUANTIZE_BROKEN = not _quantize_layer_works()
-needs_quantize = pytest.mark.xfail(QUANTIZE_BROKEN, raises=NotImplementedError, strict=True,
-                                   reason="nics_fix.Quantize.call raises NotImplementedError")
-
 FIXED_TYPES = ("Conv2D", "BatchNormalization", "ReLU", "DepthwiseConv2D", "Dense", "Quantize")
 
 
@@ -109,7 +95,7 @@ def trained(fix8, with_quantize=False, steps=2):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_quantize", [False, pytest.param(True, marks=needs_quantize)])
+@pytest.mark.parametrize("with_quantize", [False, True])
 def test_keras_file_round_trip(tmp_path, fix8, with_quantize):
     model = trained(fix8, with_quantize)
     before = predict(model)
@@ -218,7 +204,6 @@ def test_fixed_weight_pins_the_auto_evaluation_scale(tmp_path):
     nf.restore_fixed_model(fresh, tmp_path / "fw")
     assert np.array_equal(fresh(x).numpy(), before)
 
-@needs_quantize
 def test_saver_round_trip_with_a_quantize_layer(tmp_path, fix8):
     model = trained(fix8, with_quantize=True)
     before = predict(model)
@@ -376,9 +361,6 @@ def test_plain_keras_dense_and_conv_weights_load_into_fixed_layers(tmp_path, fix
                                   getattr(plain.get_layer(name), key).numpy())
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="FixedLayer.load_own_variables: Keras' base loader expects the scale "
-                          "variables in a plain Keras layer's store (bug in nics_fix/layers/base.py)")
 @pytest.mark.parametrize("layer", ["ReLU", "BatchNormalization", "DepthwiseConv2D"])
 def test_plain_keras_weights_load_into_fixed_layers_without_own_saver(tmp_path, layer):
     args = {"ReLU": (), "BatchNormalization": (), "DepthwiseConv2D": (3,)}[layer]

@@ -30,23 +30,6 @@ def _fresh_keras_state():
     yield
 
 
-def _quantize_layer_works() -> bool:
-    try:
-        nf.Quantize()(np.zeros((1,), np.float32))
-    except NotImplementedError:
-        return False
-    return True
-
-
-# nics_fix.Quantize.call ends in keras.layers.Layer.call, which raises NotImplementedError
-# (a bug in nics_fix/layers/quantize.py, reported). Tests that run a Quantize layer are
-# expected to fail with exactly that error while it is there; strict, so they must be
-# un-marked (they run for real) as soon as it is fixed.
-QUANTIZE_BROKEN = not _quantize_layer_works()
-needs_quantize = pytest.mark.xfail(QUANTIZE_BROKEN, raises=NotImplementedError, strict=True,
-                                   reason="nics_fix.Quantize.call raises NotImplementedError")
-
-
 def wcfg(bits, training="auto", not_training="fixed"):
     return {"data_config": {"bit_width": bits, "training": training, "not_training": not_training}}
 
@@ -256,13 +239,11 @@ def test_quantitize_is_quantize():
     assert nf.quantitize is nf.quantize
 
 
-@needs_quantize
 def test_quantize_with_a_point_config_dict():
     out = nf.quantize(tf.constant(X8), POINT_INT, name="q")
     assert np.array_equal(out.numpy(), nf.fixed_point_quantize(X8, 6, 1).numpy())
 
 
-@needs_quantize
 def test_quantize_with_a_layer_config():
     out = nf.quantize(tf.constant(X8), {"activation": POINT_INT}, name="q")
     assert np.array_equal(out.numpy(), nf.fixed_point_quantize(X8, 6, 1).numpy())
@@ -271,7 +252,6 @@ def test_quantize_with_a_layer_config():
     assert np.array_equal(out.numpy(), nf.fixed_point_quantize(X8, 6, 1).numpy())
 
 
-@needs_quantize
 def test_quantize_with_a_config_name_inside_a_scope():
     cfg = {"configs": {"q4": {"activation": {"data_config": {"bit_width": 4, "training": 0,
                                                               "not_training": 0}}}}}
@@ -311,7 +291,6 @@ def test_wrap_chain_builds_the_expected_model():
         nf.wrap(model.input).Dens(units=3)
 
 
-@needs_quantize
 def test_wrap_chain_output_is_the_quantized_float_output():
     model = _build_chain(POINT_INT)
     float_part = keras.Model(model.input, model.get_layer("logits").input)

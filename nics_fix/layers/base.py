@@ -167,7 +167,16 @@ class FixedLayer(ScopedLayer):
     def load_own_variables(self, store):
         keys = list(store.keys())
         ours = [k for k in keys if k.startswith(self._SCALE_KEY)]
-        super().load_own_variables({k: store[k] for k in keys if k not in ours})
+        base = {k: store[k] for k in keys if k not in ours}
+        scale_ids = {id(v) for v in self._nf_scale_variables()}
+        own = [v for v in self._trainable_variables + self._non_trainable_variables if id(v) not in scale_ids]
+        generic = _keras_base(type(self)).load_own_variables is keras.layers.Layer.load_own_variables
+        if generic and not ours and len(base) == len(own):
+            # Saved by the plain Keras layer (no scales): its weights load by position.
+            for i, variable in enumerate(own):
+                variable.assign(base[str(i)])
+            return
+        super().load_own_variables(base)
         scales = {self._SCALE_KEY + v.name: v for v in self._nf_scale_variables()}
         for key in ours:
             if key in scales:

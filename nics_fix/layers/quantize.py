@@ -8,7 +8,7 @@ from nics_fix.layers.base import FixedLayer
 
 
 @keras.saving.register_keras_serializable(package="nics_fix")
-class Quantize(FixedLayer, keras.layers.Layer):
+class Quantize(FixedLayer, keras.layers.Identity):
     """Identity layer whose output is quantized with the ``activation`` config.
 
     Usually created through :func:`nics_fix.quantize`.
@@ -20,8 +20,3 @@ class Quantize(FixedLayer, keras.layers.Layer):
     array([0.25 , 0.875], dtype=float32)
     """
 
-    def call(self, inputs, training=None, **kwargs):
-        return super().call(inputs, training=training, **kwargs)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape

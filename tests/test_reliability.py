@@ -1,0 +1,236 @@
+"""Reliability: killed jobs resume, random configs never crash the parsers, edge-case numerics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nics_fix as nf
+from nics_fix.quant import MAX_SCALE, MIN_SCALE
+from tests.conftest import FIX8, REPO
+
+# ---------------------------------------------------------------------------
+# Kill and resume a train job (real subprocess, real SIGKILL)
+# ---------------------------------------------------------------------------
+
+
+def _train_cmd(tmp_path, run_dir, *extra):
+    return [sys.executable, "-m", "experiments.train", "data=synthetic", "data.num_examples=256",
+            "model.hidden_units=[16]", "trainer.verbose=0", "trainer.batch_size=16", "fixed=w8a8",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.mark.slow
+def test_sigkilled_train_job_resumes_in_the_same_run(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+    state = tmp_path / "first" / "checkpoint" / "state.json"
+    proc = subprocess.Popen(_train_cmd(tmp_path, tmp_path / "first", "trainer.epochs=200"), cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if state.is_file() and json.loads(state.read_text())["next_epoch"] >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint within 240 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = json.loads(state.read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(killed_at["run_id"])
+    assert run.info.status == "RUNNING"  # SIGKILL: nothing could close it...
+    from experiments.checkpoint import is_stale
+
+    assert is_stale(run)  # ...but its process is provably gone
+
+    done = subprocess.run(_train_cmd(tmp_path, tmp_path / "second", "trainer.epochs=4", "trainer.resume=true"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = client.get_run(killed_at["run_id"])
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["nics_fix.resumed_from_epoch"]) == killed_at["next_epoch"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(set(steps)) == [0, 1, 2, 3]
+    assert "test_accuracy" in run.data.metrics
+    mlflow.set_tracking_uri(None)
+
+
+def test_resume_errors_are_clear(tmp_path):
+    from experiments.checkpoint import ResumeError
+    from experiments.training import _find_resume
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with pytest.raises(ResumeError, match="has no interrupted run with a checkpoint"):
+            _find_resume(True, "nothing_here")
+        with pytest.raises(ResumeError, match="neither a checkpoint folder nor a run id"):
+            _find_resume("0123456789abcdef", "nothing_here")
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        with pytest.raises(ResumeError, match="no checkpoint"):
+            _find_resume(str(empty), "nothing_here")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing the config parsers: a valid config or a ConfigError, nothing else
+# ---------------------------------------------------------------------------
+
+KEYS = ["configs", "by_type", "by_name", "weight", "activation", "data_config", "gradient_config",
+        "storage_config", "bit_width", "training", "not_training", "rounding", "config_name", "scale",
+        "fix8", "Dense", "dense1", "name", "pre", "post", "type", "min", "max", "noise_strategy"]
+LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(-200, 200), st.floats(allow_nan=True),
+    st.sampled_from(["auto", "fixed", "none", "nearest", "floor", "stochastic", "fix8", "uniform",
+                     "uniform_ratio", "noise_strategy", "Dense", ""]),
+    st.text(max_size=8),
+)
+TREES = st.recursive(
+    LEAVES,
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), children,
+                                               max_size=4)),
+    max_leaves=25,
+)
+
+
+def _mutations(base):
+    """The good config with one node replaced: near-misses hit deeper code than random trees."""
+    return st.builds(_replace_somewhere, st.just(base), st.integers(0, 10_000), TREES)
+
+
+def _replace_somewhere(tree, index, value):
+    import copy
+
+    tree = copy.deepcopy(tree)
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + [k])
+
+    walk(tree, [])
+    path = paths[index % len(paths)]
+    if not path:
+        return value
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return tree
+
+
+GOOD = {"configs": {"fix8": FIX8}, "by_type": {"Dense": {"config_name": "fix8"}},
+        "by_name": {"dense1": {"config_name": "fix8", "weight": {"data_config": {"bit_width": 4}}}}}
+FUZZ_COUNT = {"fixed": 0, "strategy": 0, "yaml": 0}
+
+
+def _parse_fixed(value):
+    try:
+        cfg = nf.FixedConfig.from_dict(value)
+        cfg.resolve("dense1", "Dense")
+        cfg.resolve("other", "Conv2D")
+    except nf.ConfigError:
+        pass
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(TREES, _mutations(GOOD)))
+def test_fixed_config_parser_never_raises_anything_but_config_error(value):
+    FUZZ_COUNT["fixed"] += 1
+    _parse_fixed(value)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(TREES, _mutations({"by_type": {"Dense": {"name": "noise_strategy", "weight": {
+    "gradient_config": {"post": {"type": "uniform_ratio", "min": -0.5, "max": 0.5}}}}}})))
+def test_strategy_config_parser_never_raises_anything_but_config_error(value):
+    FUZZ_COUNT["strategy"] += 1
+    try:
+        nf.StrategyConfig.from_dict(value)
+    except nf.ConfigError:
+        pass
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.text(max_size=200) | TREES.map(lambda t: yaml.safe_dump(t)))
+def test_yaml_text_never_raises_anything_but_config_error(text):
+    FUZZ_COUNT["yaml"] += 1
+    for parse in (nf.parse_cfg_from_str, nf.parse_strategy_cfg_from_str):
+        try:
+            parse(text)
+        except nf.ConfigError:
+            pass
+
+
+def test_python_yaml_tags_are_rejected_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"configs: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(nf.ConfigError, match="invalid YAML"):
+        nf.parse_cfg_from_str(text)
+    with pytest.raises(nf.ConfigError, match="invalid YAML"):
+        nf.parse_strategy_cfg_from_str(text)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# Numerics: NaN, Inf, zeros, huge, tiny, 1 and 32 bits, through every mode
+# ---------------------------------------------------------------------------
+
+EDGE_INPUTS = {
+    "zeros": np.zeros((4, 3), np.float32),
+    "nan_inf": np.array([[np.nan, np.inf, -np.inf], [1.0, -2.0, 0.5]] * 2, np.float32),
+    "huge": np.full((4, 3), 3e38, np.float32),
+    "tiny": np.full((4, 3), 1e-40, np.float32),
+}
+
+
+@pytest.mark.parametrize("bits", [1, 32])
+@pytest.mark.parametrize("mode", ["auto", "fixed", 0, "none"])
+@pytest.mark.parametrize("case", sorted(EDGE_INPUTS))
+def test_edge_numerics_through_every_mode(case, mode, bits):
+    x = EDGE_INPUTS[case]
+    point = {"data_config": {"bit_width": bits, "training": mode, "not_training": mode},
+             "gradient_config": {"bit_width": bits, "training": mode}}
+    layer = nf.Quantize(fixed_config={"activation": point})
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(y * tf.constant(x))
+    grad = tape.gradient(loss, xt)
+    assert y.shape == x.shape and grad.shape == x.shape
+    scales = layer.fixed_points["activation"].describe()
+    for key in ("data_scale", "grad_scale"):
+        assert MIN_SCALE <= scales[key] <= MAX_SCALE or scales[key] == 0
+    finite_in = np.isfinite(x)
+    if mode != "none":
+        # Finite inputs stay finite and inside the range; NaN stays NaN; Inf saturates.
+        out = y.numpy()
+        assert np.all(np.isfinite(out[finite_in]))
+        assert np.all(np.isnan(out[np.isnan(x)]))
+        assert np.all(np.isfinite(out[np.isinf(x)]))
