@@ -146,6 +146,15 @@ def _check_keys(value: Mapping, allowed, path: str, source) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _fields_dict(bit_width, modes: dict, rounding: str) -> dict:
+    """The YAML form of a config: bit_width first, rounding only when not the default."""
+    out = {"bit_width": bit_width} if bit_width is not None else {}
+    out.update(modes)
+    if rounding != "nearest":
+        out["rounding"] = rounding
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """How a forward value (weight or activation) is quantized."""
@@ -163,12 +172,8 @@ class DataConfig:
         return self.training == "none" and self.not_training == "none"
 
     def to_dict(self) -> dict:
-        out = {"training": self.training, "not_training": self.not_training}
-        if self.bit_width is not None:
-            out = {"bit_width": self.bit_width, **out}
-        if self.rounding != "nearest":
-            out["rounding"] = self.rounding
-        return out
+        return _fields_dict(self.bit_width, {"training": self.training, "not_training": self.not_training},
+                            self.rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +192,7 @@ class GradientConfig:
         return self.training == "none"
 
     def to_dict(self) -> dict:
-        out = {"training": self.training}
-        if self.bit_width is not None:
-            out = {"bit_width": self.bit_width, **out}
-        if self.rounding != "nearest":
-            out["rounding"] = self.rounding
-        return out
+        return _fields_dict(self.bit_width, {"training": self.training}, self.rounding)
 
 
 @dataclasses.dataclass(frozen=True)

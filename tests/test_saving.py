@@ -14,16 +14,6 @@ import yaml
 import nics_fix as nf
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Overrides conftest's fixture: same seeds and name space, without its gc.collect().
-
-    ``clear_session()`` collects garbage by default, about 0.5 s a test with TensorFlow
-    loaded; these tests build tiny models and do not need it.
-    """
-    keras.utils.set_random_seed(0)
-    keras.backend.clear_session(free_memory=False)
-    yield
 
 
 FIXED_TYPES = ("Conv2D", "BatchNormalization", "ReLU", "DepthwiseConv2D", "Dense", "Quantize")

@@ -16,18 +16,6 @@ from nics_fix.config import DataConfig, GradientConfig, LayerFixedConfig
 from nics_fix.scope import current_scope
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Overrides conftest's fixture: same seeds and name space, without its gc.collect().
-
-    ``clear_session()`` collects garbage by default, about 0.5 s a test with TensorFlow
-    loaded; these tests build tiny models and do not need it.
-    """
-    import keras
-
-    keras.utils.set_random_seed(0)
-    keras.backend.clear_session(free_memory=False)
-    yield
 
 
 def wcfg(bits, training="auto", not_training="fixed"):

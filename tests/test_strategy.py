@@ -13,18 +13,6 @@ import nics_fix as nf
 from nics_fix.strategy import HOOKS, StrategyChain, build_strategy, get_strategy_class
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """Overrides conftest's fixture: same seeds and name space, without its gc.collect().
-
-    ``clear_session()`` collects garbage by default, about 0.5 s a test with TensorFlow
-    loaded; these tests build tiny models and do not need it.
-    """
-    import keras
-
-    keras.utils.set_random_seed(0)
-    keras.backend.clear_session(free_memory=False)
-    yield
 
 # ----------------------------------------------------------------------------
 # Test strategies (registered globally on import)
