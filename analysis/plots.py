@@ -152,7 +152,7 @@ def plot_bit_allocation(df: pd.DataFrame, path, title: str | None = None,
     values = matrix.to_numpy(dtype="float64", na_value=np.nan)
     shown = np.ma.masked_array(values, mask=float_mask | np.isnan(values))
     n_rows, n_cols = values.shape
-    fig = _new_figure(max(5.0, 1.2 + 0.9 * n_cols), max(3.0, 1.4 + 0.32 * n_rows))
+    fig = _new_figure(max(6.0, 2.5 + 0.9 * n_cols), max(4.5, 1.6 + 0.34 * n_rows))
     ax = fig.add_subplot()
     finite = values[~(float_mask | np.isnan(values))]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (1, FLOAT_BITS)
@@ -176,8 +176,11 @@ def plot_bit_allocation(df: pd.DataFrame, path, title: str | None = None,
     ax.set_title(title or "Per-layer bit allocation of the Pareto-front runs")
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
     distinct = np.unique(finite)
-    if 0 < len(distinct) <= 12:
+    if 0 < len(distinct) <= 4:
         colorbar.set_ticks(distinct, labels=[str(int(v)) for v in distinct])
+    else:
+        colorbar.locator = MaxNLocator(integer=True)
+        colorbar.update_ticks()
     colorbar.set_label("bit width (bits; grey = float)")
     return _save(fig, path, ax)
 
