@@ -9,9 +9,12 @@ them), so they are defined here once:
   quantization point per layer, ``float`` where unquantized (also
   ``bits.<layer>.weight.storage`` for THDH storage), and
   ``mode.<layer>.<quantity>.<data|grad>`` — its modes (``auto/fixed``);
+* param ``model.layers`` — the fixed layers in model order (a JSON list; list
+  params are JSON throughout);
 * metrics per epoch (``step`` = epoch): ``train_loss``, ``train_accuracy``,
-  ``val_loss``, ``val_accuracy``, any other epoch log (e.g. THDH counters),
-  and ``scale.<layer>.<variable>.<data|grad>`` for every point;
+  ``val_loss``, ``val_accuracy``, any other epoch log (e.g. THDH counters
+  ``update_zero_frac/<layer>/<var>``), and ``scale.<layer>.<variable>.<data|grad>``
+  for every quantized direction of every point;
 * final metrics ``test_loss``, ``test_accuracy``, and the cost model:
   ``cost.total_weight_bits``, ``cost.avg_weight_bits``,
   ``cost.avg_activation_bits``, ``cost.bops``, ``cost.train_bops``;
@@ -24,6 +27,8 @@ them), so they are defined here once:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -50,7 +55,8 @@ def flatten(value, prefix: str = "") -> dict[str, str]:
         for key, item in value.items():
             out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(value, (list, tuple)):
-        out[prefix] = ",".join(str(v) for v in value)[:MAX_PARAM_LENGTH]
+        # JSON, so a list reads back as a list and never as a comma string.
+        out[prefix] = json.dumps(list(value), default=str)[:MAX_PARAM_LENGTH]
     else:
         out[prefix] = str(value)[:MAX_PARAM_LENGTH]
     return out
@@ -93,11 +99,21 @@ def cost_metrics(model) -> dict[str, float]:
 
 
 def scale_metrics(model) -> dict[str, float]:
+    """Scales of the quantized directions only (a float point has no meaningful scale)."""
     out = {}
-    for p in nf.fixed_points(model):
-        out[f"scale.{p.layer}.{p.variable}.data"] = float(p.data_scale)
-        out[f"scale.{p.layer}.{p.variable}.grad"] = float(p.grad_scale)
+    for point in nf.introspect.point_objects(model):
+        layer, key = point.layer.name, point.key
+        if not point.config.data.is_float:
+            out[f"scale.{layer}.{key}.data"] = float(keras.ops.convert_to_numpy(point.data_scale))
+        if not point.config.gradient.is_float:
+            out[f"scale.{layer}.{key}.grad"] = float(keras.ops.convert_to_numpy(point.grad_scale))
     return out
+
+
+def layer_order_param(model) -> dict[str, str]:
+    """``model.layers``: the fixed layers in model order (MLflow sorts params by name)."""
+    names = [layer.name for layer in nf.introspect.fixed_layers(model)]
+    return {"model.layers": json.dumps(names)[:MAX_PARAM_LENGTH]}
 
 
 _RENAMES = {"loss": "train_loss", "accuracy": "train_accuracy"}
@@ -165,11 +181,11 @@ def hydra_tags() -> dict[str, str]:
         return {}
     tags = {
         "hydra.mode": str(hc.mode.name if hc.mode is not None else "RUN"),
-        "hydra.output_dir": str(hc.runtime.output_dir),
+        "hydra.output_dir": str(Path(hc.runtime.output_dir).resolve()),
         "hydra.job_name": str(hc.job.name),
     }
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
-        tags["hydra.sweep_dir"] = str(hc.sweep.dir)
+        tags["hydra.sweep_dir"] = str(Path(hc.sweep.dir).resolve())
         tags["hydra.job_num"] = str(hc.job.num)
     return tags
 
@@ -185,10 +201,30 @@ def hydra_choices() -> dict[str, str]:
 
 
 def setup(tracking_uri: str, experiment_name: str) -> None:
-    """Point MLflow at the configured store and experiment."""
+    """Point MLflow at the configured store and experiment.
+
+    For a SQLite store, a new experiment keeps its artifacts in ``mlartifacts/``
+    beside the database file, so a store moves (and is read) as one folder
+    instead of scattering artifacts into whatever directory a job ran in.
+    """
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment_name) is None:
+        database = Path(uri[len("sqlite:///"):]).resolve()
+        location = (database.parent / "mlartifacts" / experiment_name).as_uri()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
+            mlflow.create_experiment(experiment_name, artifact_location=location)
     mlflow.set_experiment(experiment_name)
+
+
+def default_run_name(choices: Mapping) -> str | None:
+    """``<model>/<fixed>`` plus ``#<job>`` in a sweep: readable, and distinct across a sweep."""
+    if not choices:
+        return None
+    name = "/".join(str(choices[g]) for g in ("model", "fixed") if g in choices)
+    job = hydra_tags().get("hydra.job_num")
+    return f"{name} #{job}" if job is not None else name or None
 
 
 def base_tags(role: str) -> dict[str, str]:

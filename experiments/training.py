@@ -160,7 +160,8 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
         run = mlflow.start_run(run_id=resume_run, nested=nested)
         mlflow.set_tags({**checkpoint.process_tags(), "nics_fix.resumed": "true"})
     else:
-        run = mlflow.start_run(run_name=mlcfg.get("run_name"), tags=tags, nested=nested)
+        run_name = mlcfg.get("run_name") or tracking.default_run_name(choices)
+        run = mlflow.start_run(run_name=run_name, tags=tags, nested=nested)
     run_id = run.info.run_id
     folder = resume_folder or (Path(output_dir) / "checkpoint" if output_dir and trainer.get("checkpoint", True)
                                else None)
@@ -248,7 +249,8 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
     if scope.unmatched_names():
         mlflow.set_tag("nics_fix.unmatched_by_name", ",".join(scope.unmatched_names()))
     if not resumed:
-        tracking.log_batch(run_id, params=tracking.point_params(model), metrics=tracking.cost_metrics(model))
+        tracking.log_batch(run_id, params={**tracking.point_params(model), **tracking.layer_order_param(model)},
+                           metrics=tracking.cost_metrics(model))
     mlflow.log_text(yaml.safe_dump(scope.fixed_config_dict(), sort_keys=False), "config/fixed_config.yaml")
     mlflow.log_text(yaml.safe_dump(_plain(cfg.get("strategy") or {}), sort_keys=False),
                     "config/strategy_config.yaml")

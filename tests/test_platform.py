@@ -54,15 +54,17 @@ def test_train_job_records_params_metrics_and_artifacts(trained, store, tmp_path
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["choice.fixed"] == "w8a8" and params["data.name"] == "synthetic"
-    assert params["trainer.epochs"] == "2" and params["model.hidden_units"] == "8"
+    assert params["trainer.epochs"] == "2" and params["model.hidden_units"] == "[8]"
+    assert params["model.layers"] == '["dense1", "relu1", "dense2"]'
     assert params["bits.dense1.weight.data"] == "8" and params["bits.dense1.weight.grad"] == "float"
     assert params["bits.relu1.activation.data"] == "8" and params["mode.dense1.weight.data"] == "auto/fixed"
     # MLP 64-8-10 at 8 bits: (64*8 + 8 + 8*10 + 10) weights x 8 bits.
     assert metrics["cost.total_weight_bits"] == (64 * 8 + 8 + 8 * 10 + 10) * 8
     assert metrics["cost.avg_weight_bits"] == 8.0
     assert metrics["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert "scale.dense1.kernel.grad" not in metrics  # float gradients: no scale to speak of
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "scale.dense1.kernel.data",
-                 "scale.dense1.activation.grad"):
+                 "scale.relu1.activation.data"):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [0, 1], name
     assert tags["nics_fix.role"] == "train" and "mlflow.source.git.commit" in tags
