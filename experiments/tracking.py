@@ -210,12 +210,31 @@ def setup(tracking_uri: str, experiment_name: str) -> None:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment_name) is None:
-        database = Path(uri[len("sqlite:///"):]).resolve()
-        location = (database.parent / "mlartifacts" / experiment_name).as_uri()
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
-            mlflow.create_experiment(experiment_name, artifact_location=location)
-    mlflow.set_experiment(experiment_name)
+    if not uri.startswith("sqlite:///"):
+        mlflow.set_experiment(experiment_name)
+        return
+    database = Path(uri[len("sqlite:///"):]).resolve()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel jobs (joblib launcher, search workers) would otherwise race to
+    # create MLflow's tables in a new database ("duplicate column name").
+    with _file_lock(database.with_name(database.name + ".lock")):
+        if mlflow.get_experiment_by_name(experiment_name) is None:
+            location = (database.parent / "mlartifacts" / experiment_name).as_uri()
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
+                mlflow.create_experiment(experiment_name, artifact_location=location)
+        mlflow.set_experiment(experiment_name)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def default_run_name(choices: Mapping) -> str | None:
