@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from nics_fix.config import DataConfig, GradientConfig, PointConfig
 from nics_fix.log import logger
-from nics_fix.quant import auto_scale, fixed_point_quantize, quantize_ste
+from nics_fix.quant import _as_float32, _auto_scale_pow2, _Format, _quantize, _quantize_ste
 from nics_fix.strategy import PointInfo, Strategy
 
 
@@ -84,20 +84,31 @@ class FixedPoint:
             x = getattr(strategy, f"pre_{self.kind}")(x, PointInfo(self.name, self.kind, data, stored, training))
         scale = None
         if mode != "none":
-            scale = self._data_scale(x, mode)
-            x = quantize_ste(x, data.bit_width, scale, data.rounding)
+            scale, fmt = self._format(x, mode, data.bit_width, self.data_scale)
+            x = _quantize_ste(x, fmt, data.rounding)
         if strategy is not None:
             x = getattr(strategy, f"post_{self.kind}")(x, PointInfo(self.name, self.kind, data, scale, training))
         if training and (not self.config.gradient.is_float or self._uses_grad_hooks):
             x = self._quantize_gradient(x)
         return x
 
-    def _data_scale(self, x, mode):
+    @staticmethod
+    def _format(x, mode, bit_width, variable):
+        """``(scale, format)`` for ``fixed``, ``auto`` or an integer mode; stores the scale.
+
+        ``auto`` hands the power ``2**scale`` it computed on to the quantizer;
+        an integer mode quantizes with Python constants (no scalar ops).
+        """
         if mode == "fixed":
-            return tf.convert_to_tensor(self.data_scale)
-        scale = auto_scale(x) if mode == "auto" else tf.constant(mode, tf.int32)
-        self.data_scale.assign(scale)
-        return scale
+            scale = tf.convert_to_tensor(variable)
+            return scale, _Format(bit_width, scale)
+        if mode == "auto":
+            scale, p = _auto_scale_pow2(x)
+            variable.assign(scale)
+            return scale, _Format(bit_width, scale, p)
+        scale = tf.constant(mode, tf.int32)
+        variable.assign(scale)
+        return scale, _Format(bit_width, mode)
 
     def _quantize_gradient(self, x):
         grad: GradientConfig = self.config.gradient
@@ -111,12 +122,9 @@ class FixedPoint:
                     dy = getattr(strategy, f"pre_{kind}_grad")(dy, PointInfo(name, kind, grad, stored, True))
                 scale = None
                 if grad.training != "none":
-                    if grad.training == "fixed":
-                        scale = tf.convert_to_tensor(self.grad_scale)
-                    else:
-                        scale = auto_scale(dy) if grad.training == "auto" else tf.constant(grad.training, tf.int32)
-                        self.grad_scale.assign(scale)
-                    dy = fixed_point_quantize(dy, grad.bit_width, scale, grad.rounding)
+                    dy = _as_float32(dy)
+                    scale, fmt = self._format(dy, grad.training, grad.bit_width, self.grad_scale)
+                    dy = _quantize(dy, fmt, grad.rounding)
                 if strategy is not None:
                     dy = getattr(strategy, f"post_{kind}_grad")(dy, PointInfo(name, kind, grad, scale, True))
                 return dy

@@ -28,9 +28,12 @@ array([ 0.25, -1.25,  1.75], dtype=float32)
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
+import os
 
-import numpy as np  # noqa: F401  (the doctest examples use it)
+import numpy as np
 import tensorflow as tf
 
 #: Rounding modes understood by :func:`fixed_point_quantize`.
@@ -82,6 +85,43 @@ def clamp_scale(scale) -> tf.Tensor:
     return tf.clip_by_value(tf.cast(scale, tf.int32), MIN_SCALE, MAX_SCALE)
 
 
+def _abs_max_finite(x) -> tf.Tensor:
+    """``max |x|`` over the finite values of float32 ``x`` (``-inf`` if there are none)."""
+    # max|x| = max(max(x), -min(x)): two read-only reductions, no |x| temporary.
+    # Both reductions propagate NaN and an Inf shows up in one of them, so a
+    # non-finite m means "an Inf or NaN is present": only then the masked pass.
+    m = tf.maximum(tf.reduce_max(x), -tf.reduce_min(x))
+
+    def finite_max():
+        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x)))
+
+    return tf.cond(tf.math.is_finite(m), lambda: m, finite_max)
+
+
+def _pow2_ceil(m):
+    """``(s, 2.0**s)`` with ``s = ceil(log2(m))`` clamped to ``[MIN_SCALE, MAX_SCALE]``.
+
+    Clamping ``m`` to ``[2**MIN_SCALE, 2**MAX_SCALE]`` first is the same as
+    clamping ``s`` (``ceil(log2(.))`` is monotonic and exact at powers of two)
+    and also maps 0, subnormals and -inf to MIN_SCALE. Adding ``0x7FFFFF`` to
+    the bits of a positive normal float carries into the exponent exactly when
+    the mantissa is not zero, so the exponent field becomes ``ceil(log2(m))``.
+    """
+    m = tf.clip_by_value(m, 2.0 ** MIN_SCALE, 2.0 ** MAX_SCALE)
+    p_bits = tf.bitwise.bitwise_and(tf.bitcast(m, tf.int32) + 0x7FFFFF, 0x7F800000)
+    return tf.bitwise.right_shift(p_bits, 23) - 127, tf.bitcast(p_bits, tf.float32)
+
+
+def _as_float32(x) -> tf.Tensor:
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype == tf.float32 else tf.cast(x, tf.float32)
+
+
+def _auto_scale_pow2(x):
+    """:func:`auto_scale` and ``2.0 ** scale`` (float32), without recomputing the power."""
+    return _pow2_ceil(_abs_max_finite(_as_float32(x)))
+
+
 def auto_scale(x) -> tf.Tensor:
     """``ceil(log2(max|x|))`` over the finite values of ``x``, as an int32 scalar.
 
@@ -91,23 +131,7 @@ def auto_scale(x) -> tf.Tensor:
     :data:`MIN_SCALE`; the result is always clamped to
     ``[MIN_SCALE, MAX_SCALE]``, so it is never NaN or infinite.
     """
-    x = tf.convert_to_tensor(x)
-    if x.dtype != tf.float32:
-        x = tf.cast(x, tf.float32)
-    m = tf.reduce_max(tf.abs(x))
-
-    def finite_max():
-        # Only taken when an Inf/NaN is present: keeps the common path at one
-        # reduction instead of three elementwise passes.
-        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x)))
-
-    m = tf.cond(tf.math.is_finite(m), lambda: m, finite_max)
-    bits = tf.bitcast(m, tf.int32)
-    exponent = tf.bitwise.right_shift(bits, 23) - 127
-    mantissa = tf.bitwise.bitwise_and(bits, 0x7FFFFF)
-    scale = exponent + tf.cast(mantissa != 0, tf.int32)
-    # m == 0 and subnormal m give a tiny exponent: the clamp maps them to MIN_SCALE.
-    return clamp_scale(scale)
+    return _auto_scale_pow2(x)[0]
 
 
 def quantization_step(bit_width: int, scale) -> tf.Tensor:
@@ -121,6 +145,101 @@ def _uniform(shape, seed):
     if isinstance(seed, numbers.Integral):
         seed = tf.constant([int(seed), 0], dtype=tf.int64)
     return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
+
+
+#: Formats quantized by TensorFlow's fused QuantizeAndDequantizeV2 CPU kernel
+#: (clamp, scale, round half to even, unscale: one pass instead of five). Up to
+#: 24 bits the kernel's float copies of ``2**(w-1) - 1`` and of the range end
+#: ``2**s - step = step * (2**(w-1) - 1)`` are exact, so it computes
+#: ``clip(x, lo, hi) * (1/step)``, rounds and multiplies by ``step`` with exactly
+#: our powers of two; clipping before rounding to the integer grid equals
+#: rounding then clipping. One bit is left out: its upper end is +0 and the
+#: kernel keeps a -0 that ``clip_by_value`` turns into +0.
+_FUSED_BITS = range(2, 25)
+
+
+@functools.lru_cache(maxsize=None)
+def _only_cpu_devices() -> bool:
+    return all(d.device_type == "CPU" for d in tf.config.list_physical_devices())
+
+
+def _fused_kernel_allowed() -> bool:
+    """True where the fused kernel is TensorFlow's CPU kernel, which keeps NaN.
+
+    Its XLA lowering clamps NaN to the low end and its GPU kernel uses
+    ``fminf``/``fmaxf``, so it is avoided when tracing for XLA
+    (``jit_compile=True``), under XLA auto-clustering and where any
+    accelerator is visible. There the plain ops are used; XLA fuses them anyway.
+    """
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - internal layout changed
+        return False
+    if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+        return False
+    if tf.config.optimizer.get_jit() or "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
+        return False
+    return _only_cpu_devices()
+
+
+class _Format:
+    """The constants of one ``(bit_width, scale)`` format: scale ``s``, ``p = 2**s``,
+    the range ends and the step, as Python floats for a Python-int scale (no ops
+    at all) or as float32 scalar tensors."""
+
+    def __init__(self, bit_width: int, scale, p=None):
+        self.bit_width = bit_width = check_bit_width(bit_width)
+        if p is None and isinstance(scale, numbers.Integral):
+            s = min(max(int(scale), MIN_SCALE), MAX_SCALE)
+            self.scale, self.p = s, math.ldexp(1.0, s)
+            self.step = math.ldexp(1.0, s - bit_width + 1)
+            self.inv_step = math.ldexp(1.0, bit_width - 1 - s)
+            self.low = -self.p
+            # 2**s - step, rounded to float32 once, as the float32 subtraction does.
+            self.high = float(np.float32(self.p - self.step))
+            return
+        if p is None:
+            scale = clamp_scale(scale)
+            p = pow2(scale)
+        self.scale, self.p = scale, p
+        self.low = -p
+        if bit_width <= 24:
+            # 2**s - step == 2**s * (1 - 2**(1-w)): exact, one op.
+            self.high = p * np.float32(1.0 - math.ldexp(1.0, 1 - bit_width))
+        else:
+            self.high = p - pow2(scale - (bit_width - 1))
+
+    def steps(self):
+        """``(step, 1/step)``, built only where needed."""
+        if isinstance(self.p, float):
+            return self.step, self.inv_step
+        step_exp = self.scale - (self.bit_width - 1)
+        return pow2(step_exp), pow2(-step_exp)
+
+
+def _quantize(x, fmt: _Format, rounding: str, seed=None):
+    """:func:`fixed_point_quantize` of float32 ``x`` in the format ``fmt``."""
+    if rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _fused_kernel_allowed():
+        y = tf.raw_ops.QuantizeAndDequantizeV2(
+            input=x, input_min=fmt.low, input_max=fmt.high, signed_input=True,
+            num_bits=fmt.bit_width, range_given=True, round_mode="HALF_TO_EVEN", narrow_range=False)
+        # Like tf.round, the fused kernel must not pass gradients (its registered
+        # gradient is the identity): use quantize_ste for the straight-through one.
+        return tf.stop_gradient(y)
+    step, inv_step = fmt.steps()
+    v = x * inv_step  # exact: multiplying by a power of two
+    if rounding == "nearest":
+        q = tf.round(v)
+    elif rounding == "floor":
+        q = tf.floor(v)
+    else:
+        # floor(v) + [u < frac(v)] instead of floor(v + u): adding u to a large
+        # v would round in float32 and move values that are already on the grid.
+        lower = tf.floor(v)
+        up = _uniform(tf.shape(v), seed) < (v - lower)
+        q = lower + tf.cast(up, tf.float32)
+    return tf.clip_by_value(q * step, fmt.low, fmt.high)
 
 
 def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=None) -> tf.Tensor:
@@ -144,28 +263,8 @@ def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=No
     This function has no custom gradient: use :func:`quantize_ste` inside
     models.
     """
-    bit_width = check_bit_width(bit_width)
     check_rounding(rounding)
-    x = tf.convert_to_tensor(x)
-    if x.dtype != tf.float32:
-        x = tf.cast(x, tf.float32)
-    scale = clamp_scale(scale)
-    step_exp = scale - (bit_width - 1)
-    step = pow2(step_exp)
-    inv_step = pow2(-step_exp)
-    v = x * inv_step  # exact: multiplying by a power of two
-    if rounding == "nearest":
-        q = tf.round(v)
-    elif rounding == "floor":
-        q = tf.floor(v)
-    else:
-        # floor(v) + [u < frac(v)] instead of floor(v + u): adding u to a large
-        # v would round in float32 and move values that are already on the grid.
-        lower = tf.floor(v)
-        up = _uniform(tf.shape(v), seed) < (v - lower)
-        q = lower + tf.cast(up, tf.float32)
-    high = pow2(scale) - step
-    return tf.clip_by_value(q * step, -pow2(scale), high)
+    return _quantize(_as_float32(x), _Format(bit_width, scale), rounding, seed)
 
 
 def representable_range(bit_width: int, scale):
@@ -174,27 +273,35 @@ def representable_range(bit_width: int, scale):
     return -pow2(scale), pow2(scale) - quantization_step(bit_width, scale)
 
 
+def _quantize_ste(x, fmt: _Format, rounding: str, seed=None):
+    """:func:`quantize_ste` in a prepared format (the points reuse their auto scale's power)."""
+    low, high = fmt.low, fmt.high
+
+    @tf.custom_gradient
+    def _quantize_fn(x):
+        y = _quantize(_as_float32(x), fmt, rounding, seed)
+
+        def grad(dy):
+            lo, hi = low, high
+            if x.dtype != tf.float32:
+                lo, hi = tf.cast(lo, x.dtype), tf.cast(hi, x.dtype)
+            inside = tf.logical_and(x >= lo, x <= hi)
+            return tf.where(inside, dy, tf.zeros([], dy.dtype))
+
+        return y, grad
+
+    return _quantize_fn(x)
+
+
 def quantize_ste(x, bit_width, scale, rounding: str = "nearest", seed=None) -> tf.Tensor:
     """:func:`fixed_point_quantize` with the straight-through gradient.
 
     The gradient passes unchanged where ``x`` lies inside the representable
     range ``[-2**s, 2**s - step]`` and is zero where ``x`` was clipped.
     """
+    check_rounding(rounding)
     x = tf.convert_to_tensor(x)
-    scale = clamp_scale(scale)
-
-    @tf.custom_gradient
-    def _quantize(x):
-        y = fixed_point_quantize(x, bit_width, scale, rounding, seed)
-
-        def grad(dy):
-            low, high = representable_range(bit_width, scale)
-            inside = tf.logical_and(x >= low, x <= high)
-            return tf.where(inside, dy, tf.zeros_like(dy))
-
-        return y, grad
-
-    return _quantize(x)
+    return _quantize_ste(x, _Format(bit_width, scale), rounding, seed)
 
 
 __all__ = [
