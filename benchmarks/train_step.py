@@ -21,7 +21,8 @@ other in a rotating order (A B C, B C A, ...), so slow phases of the machine
 hit all variants alike. The ratio quantized/float is taken *within* each
 repetition; the table shows the median over repetitions and the IQR of those
 per-repetition ratios (``best`` compares the fastest repetitions, which
-other load on the machine disturbs least). The whole measurement is done ``--rounds`` times (2 by
+other load on the machine disturbs least; ``cpu`` is the median ratio of
+process CPU time, i.e. of the work done). The whole measurement is done ``--rounds`` times (2 by
 default) and the median ratio of each round is printed, so the table says
 itself how reproducible it is.
 
@@ -129,14 +130,15 @@ class Stepper:
         model.test_on_batch(x, y)  # ... and the test function
         self.fns = {"train": model.train_function, "eval": model.test_function}
 
-    def time(self, phase: str, steps: int) -> float:
-        """Seconds per step over ``steps`` consecutive calls (synchronised at the end)."""
+    def time(self, phase: str, steps: int) -> tuple[float, float]:
+        """Wall and process CPU seconds per step over ``steps`` consecutive calls."""
         fn, data = self.fns[phase], self.data
+        cpu = time.process_time()
         start = time.perf_counter()
         for _ in range(steps):
             logs = fn(data)
         float(logs["loss"])  # a host read: all work of the last step is done
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def _quantiles(values):
@@ -158,14 +160,18 @@ def measure(kind: str, jit: bool, variants: list[str], phases: list[str], reps: 
             for name in names:
                 steppers[name].time(phase, steps)
         times = {name: [[] for _ in range(rounds)] for name in names}
+        cpu = {name: [] for name in names}
         for r in range(rounds):
             for rep in range(reps):
                 k = rep % len(names)
                 for name in names[k:] + names[:k]:  # rotating order
-                    times[name][r].append(steppers[name].time(phase, steps))
+                    wall_s, cpu_s = steppers[name].time(phase, steps)
+                    times[name][r].append(wall_s)
+                    cpu[name].append(cpu_s)
         for name in names:
             flat_f = np.concatenate(times["float"])
             flat_v = np.concatenate(times[name])
+            cpu_f, cpu_v = np.array(cpu["float"]), np.array(cpu[name])
             ratios = flat_v / flat_f  # per repetition: same rep, same machine state
             q25, med, q75 = _quantiles(ratios)
             round_medians = [float(np.median(np.array(times[name][r]) / np.array(times["float"][r])))
@@ -176,10 +182,14 @@ def measure(kind: str, jit: bool, variants: list[str], phases: list[str], reps: 
                 "ratio": med, "ratio_q25": q25, "ratio_q75": q75, "ratio_iqr": q75 - q25,
                 # fastest repetition of each: less sensitive to other load on the machine
                 "ratio_best": float(flat_v.min() / flat_f.min()),
+                # process CPU time (all threads): the work done, whatever else runs
+                "ratio_cpu": float(np.median(cpu_v / cpu_f)),
+                "float_cpu_ms": float(np.median(cpu_f) * 1e3), "quant_cpu_ms": float(np.median(cpu_v) * 1e3),
                 "round_ratios": round_medians,
                 "round_spread": float(max(round_medians) - min(round_medians)),
                 "reps": reps, "steps": steps, "rounds": rounds,
                 "times_ms": [[t * 1e3 for t in rt] for rt in times[name]],
+                "cpu_times_ms": [t * 1e3 for t in cpu[name]],
             })
     return rows
 
@@ -211,12 +221,12 @@ def environment() -> dict:
 
 
 COLUMNS = ["model", "variant", "xla", "phase", "float_ms", "quant_ms", "ratio", "ratio_iqr",
-           "ratio_best", "round_ratios", "round_spread"]
+           "ratio_best", "ratio_cpu", "round_ratios", "round_spread"]
 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'model':5} {'variant':7} {'xla':3} {'phase':5} {'float ms':>9} {'quant ms':>9} "
-            f"{'ratio':>6} {'IQR':>6} {'best':>6}  per-round medians")
+            f"{'ratio':>6} {'IQR':>6} {'best':>6} {'cpu':>6}  per-round medians")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["variant"] == "float":
@@ -224,7 +234,7 @@ def format_table(rows: list[dict]) -> str:
         rounds = " ".join(f"{v:.3f}" for v in r["round_ratios"])
         lines.append(f"{r['model']:5} {r['variant']:7} {'on' if r['xla'] else 'off':3} {r['phase']:5} "
                      f"{r['float_ms']:9.2f} {r['quant_ms']:9.2f} {r['ratio']:6.3f} {r['ratio_iqr']:6.3f} "
-                     f"{r['ratio_best']:6.3f}  "
+                     f"{r['ratio_best']:6.3f} {r['ratio_cpu']:6.3f}  "
                      f"{rounds}")
     return "\n".join(lines)
 
@@ -324,8 +334,8 @@ def main(argv=None) -> int:
     print()
     print(format_table(rows))
     print(f"\nratio: median over repetitions of (variant time / float time in the same repetition); "
-          f"IQR: of those ratios; best: fastest repetition / fastest float repetition; per-round "
-          f"medians: run-to-run stability. {elapsed:.0f} s; load average (1 min) "
+          f"IQR: of those ratios; best: fastest repetition / fastest float repetition; cpu: median "
+          f"ratio of process CPU time; per-round medians: run-to-run stability. {elapsed:.0f} s; load average (1 min) "
           f"{env['load_average_1_5_15min'][0]:.1f} at start, {env['load_average_at_end'][0]:.1f} at end "
           f"on {env['cpu_count']} CPUs.")
     paths = write_results(rows, env, args, Path(args.out), args.tag)
