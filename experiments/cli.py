@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 from nics_fix.config import ConfigError
 from nics_fix.saving import FixedModelError
+
+#: Absolute, so the entry points work as ``python -m``, as console scripts and in-process.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 #: Errors that mean "your input is wrong", each with a message saying what and where.
 USER_ERRORS: tuple[type, ...] = (ConfigError, FixedModelError)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli import user_errors
+from experiments.cli import CONF_DIR, user_errors
 from experiments.evaluation import EvalInputError, run_eval
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="eval")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float:
     with user_errors(extra=(EvalInputError,)):
         results = run_eval(OmegaConf.to_container(cfg, resolve=True))

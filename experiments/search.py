@@ -20,10 +20,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli import user_errors
+from experiments.cli import CONF_DIR, user_errors
 
-# An absolute path: found the same way under `python -m`, the console script and an import.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="search")
