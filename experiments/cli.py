@@ -20,9 +20,10 @@ def _user_error_types() -> tuple[type, ...]:
     from experiments.checkpoint import ResumeError
     from experiments.data import DataError
     from experiments.models import ModelConfigError
+    from experiments.tracking import TrackingError
     from experiments.training import TrainConfigError
 
-    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError, ResumeError)
+    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError, ResumeError, TrackingError)
 
 
 def _in_multirun() -> bool:

@@ -63,7 +63,9 @@ Where the files are looked for, in order:
   cache file to re-decode.)
 * Last resort for ``mnist``, ``fashion_mnist`` and ``cifar10``: ``keras.datasets``
   (its cache ``~/.keras/datasets``, else a download). When that fails too, a
-  ``DataError`` says what was searched and where to put the files.
+  ``DataError`` says what was searched and where to put the files. The download
+  gives up after ``$NICS_FIX_DOWNLOAD_TIMEOUT`` seconds (default 60) without an
+  answer from the network; ``NICS_FIX_OFFLINE=1`` turns it off (Keras' cache only).
 
 ``default_data_dir()`` is ``$NICS_FIX_DATA`` or ``<repo>/../shared/data``.
 """
@@ -77,6 +79,7 @@ import io
 import logging
 import numbers
 import os
+import socket
 import tarfile
 import tempfile
 import time
@@ -443,21 +446,43 @@ def _keras_load(name: str):
     return module.load_data()
 
 
+_KERAS_CACHE_NAMES = {"mnist": "mnist.npz", "fashion_mnist": "fashion-mnist", "cifar10": "cifar-10-batches-py"}
+
+
+def _offline() -> bool:
+    return os.environ.get("NICS_FIX_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _keras_cache(name: str) -> Path:
+    home = os.environ.get("KERAS_HOME") or Path.home() / ".keras"
+    return Path(home) / "datasets" / _KERAS_CACHE_NAMES[name]
+
+
 def _keras_fallback(name: str, searched: list[str], help_text: str):
     """Load through Keras, or raise the DataError that says where we looked."""
+    where = "\n".join(f"  - {s}" for s in searched) or "  (no directory: data.path is null)"
+    if _offline() and not _keras_cache(name).exists():
+        raise DataError(f"Could not load {name}.\nSearched:\n{where}\n"
+                        f"  - Keras' cache {_keras_cache(name)} (absent); downloads are off (NICS_FIX_OFFLINE=1)\n"
+                        f"{help_text}")
     # A warning when local places were searched in vain: a typo in data.path should not
     # pass unnoticed behind a download.
     (log.warning if searched else log.info)(
         "%s: not found in %s; trying keras.datasets (cache, then download)",
         name, "; ".join(searched) or "any local directory")
+    # urllib waits forever on a silent network: a socket timeout makes the download fail instead.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(float(os.environ.get("NICS_FIX_DOWNLOAD_TIMEOUT", "60")))
     try:
         (x_train, y_train), (x_test, y_test) = _keras_load(name)
     except Exception as e:  # URL errors, missing Keras, a bad cache file: all the same to the user
-        where = "\n".join(f"  - {s}" for s in searched) or "  (no directory: data.path is null)"
         raise DataError(
             f"Could not load {name}.\nSearched:\n{where}\n"
             f"  - keras.datasets.{name}.load_data() (cache ~/.keras/datasets, then a "
-            f"download) failed: {type(e).__name__}: {e}\n{help_text}") from e
+            f"download) failed: {type(e).__name__}: {e}\n{help_text}\n"
+            "(NICS_FIX_OFFLINE=1 skips the download.)") from e
+    finally:
+        socket.setdefaulttimeout(previous)
     return (np.asarray(x_train), np.asarray(y_train).reshape(-1),
             np.asarray(x_test), np.asarray(y_test).reshape(-1))
 

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import subprocess
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,6 +44,15 @@ import nics_fix as nf
 from nics_fix.cost import bops, cost_summary, data_bits
 
 REPO = Path(__file__).resolve().parents[1]
+
+# MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s per request) make a
+# job pointed at an unreachable tracking server hang for minutes before it says so.
+# A few quick retries (about 7 s in all) still ride out a server restart; MLflow reads
+# these at each request, and values you set yourself are kept.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
 
 
@@ -200,29 +210,129 @@ def hydra_choices() -> dict[str, str]:
     return {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
 
 
+class TrackingError(ValueError):
+    """``mlflow.tracking_uri`` names no usable tracking store (the message says which and why)."""
+
+
+#: Seconds to wait for a tracking server or database to answer the first contact.
+CONNECT_TIMEOUT = 10
+
+
+def _tracking_error(uri: str, reason: str) -> TrackingError:
+    return TrackingError(
+        f"mlflow.tracking_uri={_safe_uri(uri)}: {reason}\n"
+        "Fix: point mlflow.tracking_uri at a reachable store, e.g. sqlite:///mlflow.db (a local file), "
+        "postgresql+psycopg2://user:pass@host/db, or http://host:5000 (a running `mlflow server`); "
+        "mlflow=server reads MLFLOW_TRACKING_URI.")
+
+
+def _safe_uri(uri: str) -> str:
+    """A database URL without its password (anything else as it is)."""
+    if "://" not in uri or uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a database URL
+        return uri
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds, with a clear message, when the store cannot be reached at all."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT)
+        except requests.RequestException as err:
+            raise _tracking_error(uri, f"no tracking server answers there ({type(err).__name__}: {err})") from None
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, **_connect_timeout_args(scheme))
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+        except Exception as err:  # noqa: BLE001 - driver missing, bad URL, refused, auth: all one answer
+            raise _tracking_error(uri, f"cannot connect to the database ({type(err).__name__}: "
+                                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+
+
+def _connect_timeout_args(scheme: str) -> dict:
+    if scheme in ("postgresql", "mysql"):
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
+    return {}
+
+
 def setup(tracking_uri: str, experiment_name: str) -> None:
     """Point MLflow at the configured store and experiment.
 
     For a SQLite store, a new experiment keeps its artifacts in ``mlartifacts/``
     beside the database file, so a store moves (and is read) as one folder
     instead of scattering artifacts into whatever directory a job ran in.
+
+    An unusable ``tracking_uri`` (unknown scheme, nobody listening, a database
+    that refuses the connection) raises :class:`TrackingError` within seconds.
     """
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        mlflow.set_experiment(experiment_name)
+    _probe(uri)
+    try:
+        if not uri.startswith("sqlite:///"):
+            # Parallel workers on a fresh PostgreSQL database would race to create MLflow's tables.
+            with store_lock(uri):
+                mlflow.set_experiment(experiment_name)
+            return
+        database = Path(uri[len("sqlite:///"):]).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # Parallel jobs (joblib launcher, search workers) would otherwise race to
+        # create MLflow's tables in a new database ("duplicate column name").
+        with store_lock(uri):
+            if mlflow.get_experiment_by_name(experiment_name) is None:
+                location = (database.parent / "mlartifacts" / experiment_name).as_uri()
+                with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
+                    mlflow.create_experiment(experiment_name, artifact_location=location)
+            mlflow.set_experiment(experiment_name)
+    except mlflow.exceptions.MlflowException as err:
+        raise _tracking_error(uri, err.message.strip()) from None
+
+
+@contextlib.contextmanager
+def store_lock(url: str):
+    """Serialize first use of a database shared by parallel processes (creating tables, experiments, studies).
+
+    SQLite: an ``flock`` on ``<database>.lock`` beside the file; PostgreSQL: a
+    session-level advisory lock; anything else: no lock.
+    """
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        database = Path(url[len("sqlite:///"):]).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(database.with_name(database.name + ".lock")):
+            yield
         return
-    database = Path(uri[len("sqlite:///"):]).resolve()
-    database.parent.mkdir(parents=True, exist_ok=True)
-    # Parallel jobs (joblib launcher, search workers) would otherwise race to
-    # create MLflow's tables in a new database ("duplicate column name").
-    with _file_lock(database.with_name(database.name + ".lock")):
-        if mlflow.get_experiment_by_name(experiment_name) is None:
-            location = (database.parent / "mlartifacts" / experiment_name).as_uri()
-            with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
-                mlflow.create_experiment(experiment_name, artifact_location=location)
-        mlflow.set_experiment(experiment_name)
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          **_connect_timeout_args("postgresql"))
+        key = zlib.crc32(b"nics_fix.store_lock") - 2 ** 31
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    yield
 
 
 @contextlib.contextmanager
