@@ -94,6 +94,7 @@ def point_params(model) -> dict[str, str]:
                 params[f"mode.{layer.name}.{quantity}.{direction}"] = _mode_text(sub)
             if quantity == "weight" and not point.storage.is_float:
                 params[f"bits.{layer.name}.weight.storage"] = str(point.storage.bit_width)
+                params[f"mode.{layer.name}.weight.storage"] = f"{point.storage.scale}/{point.storage.rounding}"
     return params
 
 

@@ -24,7 +24,8 @@ starts from that named block (replacing what came before); its own
 
 Fields of ``data_config``: ``bit_width`` (1..32), ``training`` and
 ``not_training`` (``auto`` | ``fixed`` | ``none`` | an integer scale),
-``rounding`` (``nearest`` | ``floor`` | ``stochastic``, default ``nearest``).
+``rounding`` (``nearest`` | ``floor`` | ``stochastic``, default ``nearest``;
+evaluation rounds ``stochastic`` data to nearest, so predictions are deterministic).
 ``gradient_config`` has ``bit_width``, ``training`` and ``rounding``
 (``not_training`` is accepted and ignored: no gradient flows in evaluation).
 ``weight`` may also hold ``storage_config`` (``bit_width``, ``scale``,

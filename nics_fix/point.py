@@ -85,7 +85,10 @@ class FixedPoint:
         scale = None
         if mode != "none":
             scale, fmt = self._format(x, mode, data.bit_width, self.data_scale)
-            x = _quantize_ste(x, fmt, data.rounding)
+            # Stochastic rounding is a training device: evaluation rounds to
+            # nearest, so a model's predictions (and their reproduction) are deterministic.
+            rounding = "nearest" if not training and data.rounding == "stochastic" else data.rounding
+            x = _quantize_ste(x, fmt, rounding)
         if strategy is not None:
             x = getattr(strategy, f"post_{self.kind}")(x, PointInfo(self.name, self.kind, data, scale, training))
         if training and (not self.config.gradient.is_float or self._uses_grad_hooks):

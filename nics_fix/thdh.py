@@ -229,6 +229,9 @@ class UpdateCountersCallback(keras.callbacks.Callback):
             for name, counters in optimizer.update_counters().items():
                 logs[f"update_zero_frac/{name}"] = float(counters["zero_frac"])
                 logs[f"update_saturate_frac/{name}"] = float(counters["saturate_frac"])
+                # Lost updates only count nonzero ones: this shows when gradients
+                # already underflowed upstream (nothing left to lose).
+                logs[f"update_nonzero_frac/{name}"] = float(counters["nonzero_frac"])
         optimizer.reset_counters()
 
 

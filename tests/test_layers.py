@@ -241,3 +241,15 @@ def test_model_fit_with_and_without_xla_gives_same_scales(jit, rng, fix8):
     w0 = model.layers[0].kernel.numpy()
     model.train_on_batch(x, np.zeros((8, 4), np.float32))
     assert int(model.layers[0].fixed_points["kernel"].data_scale.numpy()) == ref_auto_scale(w0)
+
+
+def test_stochastic_rounding_is_for_training_evaluation_rounds_to_nearest(rng):
+    cfg = {"activation": {"data_config": {"bit_width": 4, "training": 0, "not_training": 0,
+                                          "rounding": "stochastic"}}}
+    layer = nf.Quantize(fixed_config=cfg)
+    x = rng.uniform(-1, 1, (64, 16)).astype(np.float32)
+    np.testing.assert_array_equal(layer(x, training=False).numpy(), ref_quantize(x, 4, 0))
+    train = layer(x, training=True).numpy()
+    floor = ref_quantize(x, 4, 0, "floor")
+    assert np.all((train == floor) | (train == floor + 0.125))
+    assert not np.array_equal(train, ref_quantize(x, 4, 0))
