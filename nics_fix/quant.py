@@ -87,6 +87,9 @@ def clamp_scale(scale) -> tf.Tensor:
 
 def _abs_max_finite(x) -> tf.Tensor:
     """``max |x|`` over the finite values of float32 ``x`` (``-inf`` if there are none)."""
+    if _in_xla_context():
+        # XLA fuses the mask into the reduction: one pass, no branch.
+        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype)))
     # max|x| = max(max(x), -min(x)): two read-only reductions, no |x| temporary.
     # Both reductions propagate NaN and an Inf shows up in one of them, so a
     # non-finite m means "an Inf or NaN is present": only then the masked pass.
@@ -171,16 +174,21 @@ def _fused_kernel_allowed() -> bool:
     (``jit_compile=True``), under XLA auto-clustering and where any
     accelerator is visible. There the plain ops are used; XLA fuses them anyway.
     """
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - internal layout changed
-        return False
-    if control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()):
+    if _in_xla_context() is not False:
         return False
     if tf.config.optimizer.get_jit() or "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
         return False
     return _only_cpu_devices()
+
+
+def _in_xla_context():
+    """True while tracing for XLA (``jit_compile=True``); None if TensorFlow can't tell us."""
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - internal layout changed
+        return None
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
 
 
 class _Format:
