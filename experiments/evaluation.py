@@ -40,7 +40,7 @@ def restore(folder: Path):
     nf.saving.read_manifest(folder)  # clear error if the folder is not a saved model
     train_cfg = _load_train_config(folder)
     trainer = train_cfg["trainer"]
-    seed_everything(trainer.get("seed", 0))
+    seed_everything(trainer.get("seed", 0), trainer)
     data_cfg = dict(train_cfg["data"])
     data_cfg.setdefault("seed", trainer.get("seed", 0))
     data = load_dataset(data_cfg)

@@ -121,10 +121,22 @@ def _storage_optimizer(optimizer, model, trainer):
     )
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, trainer: Mapping | None = None) -> None:
+    """Seed Python, NumPy and TF; switch TF op determinism on or off for this job.
+
+    Op determinism is process-wide, and Keras silently turns XLA off while it is
+    on: a ``jit_compile`` job therefore runs without it (XLA's own kernels are
+    deterministic on CPU for these models, but not promised to be).
+    """
+    trainer = trainer or {}
     keras.utils.set_random_seed(int(seed))
-    with contextlib.suppress(Exception):  # already enabled in this process is fine
-        tf.config.experimental.enable_op_determinism()
+    wanted = bool(trainer.get("deterministic", True)) and not trainer.get("jit_compile", False)
+    from tensorflow.python.framework import config as tf_config  # public API has no "disable"
+
+    if wanted:
+        tf_config.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 def _callbacks(model, run_id, trainer):
@@ -243,7 +255,7 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         tracking.log_batch(run_id, params=params)
         mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
 
-    seed_everything(trainer.get("seed", 0))
+    seed_everything(trainer.get("seed", 0), trainer)
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
     model, scope = build(cfg, data, choices)
     if scope.unmatched_names():

@@ -32,6 +32,12 @@ def _fresh_keras_state():
     keras.utils.set_random_seed(0)
     keras.backend.clear_session(free_memory=False)  # gc.collect() per test costs ~0.5 s
     yield
+    # A train job switches TF op determinism on for its process, and Keras then
+    # silently refuses XLA: don't let that leak into the next test.
+    from tensorflow.python.framework import config as tf_config
+
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 FIX8 = {
