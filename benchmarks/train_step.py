@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python -m benchmarks.train_step                 # full run, ~4-5 min on 2 CPU cores
-    python -m benchmarks.train_step --reps 5 --steps 5 --models mlp   # quick look
-    python -m benchmarks.train_step --mlflow        # also log to MLflow
+    python -m benchmarks.train_step                 # full run, 2-5 min on 2 CPU cores
+    python -m benchmarks.train_step --models mlp --xla off --reps 5   # quick look
+    python -m benchmarks.train_step --mlflow        # also log to MLflow (sqlite:///mlflow.db)
 
 For each model (an MLP 784-512-512-10 at batch 128, a small CNN on 32x32x3 at
 batch 64) and each XLA setting (``jit_compile`` False / True), three models
@@ -22,9 +22,10 @@ hit all variants alike. The ratio quantized/float is taken *within* each
 repetition; the table shows the median over repetitions and the IQR of those
 per-repetition ratios (``best`` compares the fastest repetitions, which
 other load on the machine disturbs least; ``cpu`` is the median ratio of
-process CPU time, i.e. of the work done). The whole measurement is done ``--rounds`` times (2 by
-default) and the median ratio of each round is printed, so the table says
-itself how reproducible it is.
+process CPU time, i.e. of the work done, the steadiest column when other
+jobs share the cores). The whole measurement is done ``--rounds`` times (2
+by default) and the median ratio of each round is printed, so the table
+says itself how reproducible it is.
 
 Results go to ``benchmarks/results/train_step-<tag>.{csv,json}`` (gitignored),
 with the TensorFlow/Keras versions, thread settings and per-repetition times.
@@ -260,16 +261,21 @@ def log_mlflow(rows, env, args, paths) -> None:
     except ImportError:
         print("--mlflow: mlflow is not installed; skipped", file=sys.stderr)
         return
+    if args.mlflow_uri:
+        mlflow.set_tracking_uri(args.mlflow_uri)
+    elif not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")  # as conf/mlflow/local.yaml
     mlflow.set_experiment("nics_fix-benchmarks")
     with mlflow.start_run(run_name=f"train_step-{args.tag}"):
         mlflow.log_params({**{k: v for k, v in env.items() if k != "threads_note"},
-                           **{f"arg_{k}": v for k, v in vars(args).items() if k != "mlflow"}})
+                           **{f"arg_{k}": v for k, v in vars(args).items() if not k.startswith("mlflow")}})
         for r in rows:
             if r["variant"] == "float":
                 continue
             key = f"{r['model']}.{r['variant']}.{'xla' if r['xla'] else 'noxla'}.{r['phase']}"
             mlflow.log_metric(f"{key}.ratio", r["ratio"])
             mlflow.log_metric(f"{key}.ratio_iqr", r["ratio_iqr"])
+            mlflow.log_metric(f"{key}.ratio_cpu", r["ratio_cpu"])
             mlflow.log_metric(f"{key}.float_ms", r["float_ms"])
             mlflow.log_metric(f"{key}.quant_ms", r["quant_ms"])
         for p in paths:
@@ -301,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=_dt.datetime.now().strftime("%Y%m%d-%H%M%S"),
                         help="name of this run in the output files (default: a timestamp)")
     parser.add_argument("--mlflow", action="store_true", help="log params, ratios and files to MLflow")
+    parser.add_argument("--mlflow-uri", default="",
+                        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
