@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,54 @@ def _in_multirun() -> bool:
         return HydraConfig.get().mode.name == "MULTIRUN"
     except Exception:  # noqa: BLE001 - not under Hydra
         return False
+
+
+def _yaml_error(err: BaseException | None):
+    import yaml
+
+    while err is not None:
+        if isinstance(err, yaml.YAMLError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _compact_config_file_errors() -> None:
+    """A config file that is not valid YAML: one ``error: ...`` line (file, line, column), exit 2.
+
+    Hydra prints a full traceback for exceptions it does not know that happen while it
+    composes the config (before the job runs); this wraps the function through which
+    ``@hydra.main`` runs (``hydra._internal.utils.run_and_report``, Hydra 1.3).
+    ``HYDRA_FULL_ERROR=1`` still shows the traceback.
+    """
+    try:
+        from hydra._internal import utils as hydra_utils
+    except ImportError:  # another Hydra layout: keep its own reporting
+        return
+    original = hydra_utils.run_and_report
+    if getattr(original, "nics_fix_wrapped", False):
+        return
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except Exception as err:
+                found = _yaml_error(err)
+                if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                text = " ".join(str(found).split())
+                print(f"error: a config file is not valid YAML: {text}\n"
+                      "Fix that file (conf/ or a --config-dir folder), or choose another config.", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return original(guarded)
+
+    run_and_report.nics_fix_wrapped = True
+    hydra_utils.run_and_report = run_and_report
+
+
+_compact_config_file_errors()
 
 
 @contextlib.contextmanager

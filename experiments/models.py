@@ -97,11 +97,36 @@ def _vgg11(inputs, num_classes, cfg, names):
 _BUILDERS = {"mlp": _mlp, "lenet5": _lenet5, "vgg11": _vgg11}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_model_config(model_cfg: Mapping) -> None:
+    """Layer sizes are lists of positive integers, width > 0, dropout in [0, 1): else ModelConfigError."""
+    for key in ("hidden_units", "conv_filters", "layers"):
+        if key not in model_cfg:
+            continue
+        value = model_cfg[key]
+        allowed = ("M",) if key == "layers" else ()
+        if (not isinstance(value, (list, tuple))
+                or any(v not in allowed and (not isinstance(v, int) or isinstance(v, bool) or v < 1)
+                       for v in value)):
+            extra = " or 'M' (max pooling)" if allowed else ""
+            raise ModelConfigError(f"model.{key}: expected a list of positive integers{extra}, got {value!r} "
+                                   f"(e.g. model.{key}=[128,64])")
+    if "width" in model_cfg and not (_is_number(model_cfg["width"]) and model_cfg["width"] > 0):
+        raise ModelConfigError(f"model.width: expected a positive number, got {model_cfg['width']!r}")
+    dropout = model_cfg.get("dropout") or 0.0
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise ModelConfigError(f"model.dropout: expected a number in [0, 1), got {model_cfg.get('dropout')!r}")
+
+
 def build_model(model_cfg: Mapping, input_shape, num_classes: int, fixed_cfg=None, strategy_cfg=None):
     """Build the configured model inside a ``fixed_scope``; return ``(model, scope)``."""
     name = model_cfg.get("name")
     if name not in _BUILDERS:
         raise ModelConfigError(f"model.name: unknown model {name!r}; available: {', '.join(MODELS)}")
+    check_model_config(model_cfg)
     names = _Names()
     with nf.fixed_scope(name, fixed_cfg, strategy_cfg) as scope:
         inputs = keras.Input(tuple(input_shape), name="inputs")

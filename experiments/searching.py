@@ -45,6 +45,10 @@ import contextlib
 import copy
 import csv
 import fnmatch
+import os
+import socket
+import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -60,9 +64,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import nics_fix as nf
-from experiments import tracking
+from experiments import checkpoint, tracking
 from experiments.data import load_dataset
-from experiments.training import build, run_training
+from experiments.training import (
+    _sigterm_as_interrupt,
+    build,
+    check_trainer,
+    run_training,
+)
 
 QUANTITIES = ("weight.data", "weight.grad", "activation.data", "activation.grad")
 OBJECTIVES = ("pareto", "budget", "min_cost")
@@ -71,6 +80,8 @@ SAMPLERS = ("tpe", "nsgaii", "random")
 PRUNERS = ("auto", "median", "hyperband", "threshold", "none")
 BASELINES = ("none", "uniform")
 FLOAT_BITS = 32
+#: Seconds an Optuna SQLite connection waits for another worker's lock (pysqlite's default: 5).
+SQLITE_TIMEOUT = 60
 
 #: ``search`` options and their defaults (``conf/search/default.yaml`` holds the same).
 DEFAULTS: dict = {
@@ -448,19 +459,45 @@ def directions(opts: Mapping) -> list[str]:
             "min_cost": ["minimize"]}[opts["objective"]]
 
 
+def _engine_kwargs(storage_url: str) -> dict:
+    scheme = storage_url.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        # Several local workers on one file: wait for a lock instead of failing after 5 s.
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT}}
+    if scheme in ("postgresql", "mysql"):
+        return {"connect_args": {"connect_timeout": tracking.CONNECT_TIMEOUT}}
+    return {}
+
+
 def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | None = None,
-               pruner=None) -> optuna.Study:
-    """Create the study, or load it when it exists (checking it is the same search)."""
+               pruner=None, on_stale_trial=None) -> optuna.Study:
+    """Create the study, or load it when it exists (checking it is the same search).
+
+    ``on_stale_trial(study, trial)`` is called for each trial that Optuna's
+    heartbeat finds abandoned by a dead worker (and fails).
+    """
+    kwargs = {"engine_kwargs": _engine_kwargs(storage_url)}
     if opts["heartbeat_interval"]:
         interval = int(opts["heartbeat_interval"])
-        with warnings.catch_warnings():
+        kwargs.update(heartbeat_interval=interval, grace_period=2 * interval,
+                      heartbeat_stale_trial_callback=on_stale_trial)
+    try:
+        # Workers starting together on a new database would race to create Optuna's tables.
+        with tracking.store_lock(storage_url), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=interval,
-                                                 grace_period=2 * interval)
-    else:
-        storage = optuna.storages.RDBStorage(storage_url)
-    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                directions=directions(opts), sampler=make_sampler(opts, seed), pruner=pruner)
+            storage = optuna.storages.RDBStorage(storage_url, **kwargs)
+            study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                        directions=directions(opts), sampler=make_sampler(opts, seed),
+                                        pruner=pruner)
+    except (SearchConfigError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - bad URL, missing driver, refused, wrong directions: one answer
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SearchConfigError(
+            f"search.storage={safe_url(storage_url)}: cannot open Optuna study {study_name!r} there "
+            f"({type(err).__name__}: {text})\nFix: give an SQLAlchemy database URL that this machine can reach, "
+            "e.g. sqlite:///path/optuna.db or postgresql+psycopg2://user:pass@host/db (null: sqlite "
+            "in the run directory); a study of another search needs another search.study_name.") from None
     want = {"search.objective": opts["objective"], "search.cost": opts["cost"]}
     have = study.user_attrs
     for key, value in want.items():
@@ -505,6 +542,128 @@ def enqueue_uniform_baseline(study: optuna.Study, space: Sequence[Dimension], wi
         study.enqueue_trial(params, user_attrs={"baseline": "uniform"}, skip_if_exists=True)
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                if t.user_attrs.get("baseline") == "uniform")
+
+
+# --------------------------------------------------------------------------- dead workers
+
+#: Trial user attributes naming the worker process and its parent run (see :func:`close_stale`).
+WORKER_HOST, WORKER_PID, SEARCH_RUN = "nics_fix.host", "nics_fix.pid", "nics_fix.search_run_id"
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _trial_dead(trial) -> bool:
+    """A RUNNING trial whose worker ran on this host under a pid that no longer exists."""
+    attrs = trial.user_attrs
+    if attrs.get(WORKER_HOST) != socket.gethostname() or WORKER_PID not in attrs:
+        return False  # another machine's worker: Optuna's heartbeat decides
+    return int(attrs[WORKER_PID]) != os.getpid() and not checkpoint.pid_alive(int(attrs[WORKER_PID]))
+
+
+def _kill_run(client, run_id: str, reason: str, optuna_state: str | None = None) -> bool:
+    """End a RUNNING MLflow run as KILLED, saying why; False when it was not RUNNING any more."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "nics_fix.closed_as_stale", reason[:5000])
+    if optuna_state:
+        client.set_tag(run_id, "optuna.state", optuna_state)
+    client.set_terminated(run_id, "KILLED")
+    return True
+
+
+def _study_runs(client, experiment_id: str, study_name: str, status: str = "RUNNING") -> list:
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = '{status}'", max_results=5000)
+    return [r for r in runs if r.data.tags.get("optuna.study_name") == study_name]
+
+
+def _is_child_of(run, trial) -> bool:
+    """``run`` is the MLflow child run of this Optuna trial (same number, same parent search run)."""
+    tags = run.data.tags
+    return (tags.get("nics_fix.role") == "trial" and tags.get("optuna.trial_number") == str(trial.number)
+            and tags.get("nics_fix.search_run_id") == trial.user_attrs.get(SEARCH_RUN))
+
+
+def close_trial_runs(study: optuna.Study, trial, experiment_id: str, reason: str) -> list[str]:
+    """End the RUNNING MLflow child run(s) of ``trial`` and its worker's search run as KILLED."""
+    client = MlflowClient()
+    closed = []
+    for run in _study_runs(client, experiment_id, study.study_name):
+        child = _is_child_of(run, trial)
+        parent = run.info.run_id == trial.user_attrs.get(SEARCH_RUN)
+        if (child or parent) and _kill_run(client, run.info.run_id, reason, trial.state.name if child else None):
+            closed.append(run.info.run_id)
+    return closed
+
+
+def close_stale(study: optuna.Study, experiment_id: str) -> dict[str, list]:
+    """Close what dead workers of this study left RUNNING; return the trial numbers and run ids closed.
+
+    * Optuna: a RUNNING trial whose worker (user attrs ``nics_fix.host``,
+      ``nics_fix.pid``) ran on this host under a pid that is gone becomes FAIL
+      at once; on other hosts, Optuna's heartbeat fails it once it is older than
+      ``2 * search.heartbeat_interval`` (``fail_stale_trials``).
+    * MLflow: a RUNNING run of this study (search, trial or float reference)
+      whose ``nics_fix.host`` is this host and whose ``nics_fix.pid`` is gone
+      (:func:`experiments.checkpoint.is_stale`), or a trial run whose Optuna
+      trial is already finished, becomes KILLED with a ``nics_fix.closed_as_stale``
+      tag saying why.
+    """
+    storage = study._storage  # the RDBStorage open_study made
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _trial_dead(trial):
+            continue
+        reason = (f"worker pid {trial.user_attrs[WORKER_PID]} on {trial.user_attrs[WORKER_HOST]} is gone "
+                  f"(killed?); closed by the search of {me}")
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "error", reason)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker closed it first
+        failed.append(trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # heartbeat: other hosts' dead workers
+
+    client = MlflowClient()
+    trials = {str(t.number): t for t in study.get_trials(deepcopy=False)}
+    closed = []
+    for run in _study_runs(client, experiment_id, study.study_name):
+        tags = run.data.tags
+        trial = trials.get(tags.get("optuna.trial_number", ""))
+        trial = trial if trial is not None and _is_child_of(run, trial) else None
+        if checkpoint.is_stale(run):
+            reason = f"process {tags.get('nics_fix.pid')} on {tags.get('nics_fix.host')} is gone (killed?); closed by {me}"
+        elif trial is not None and trial.state.is_finished():
+            reason = f"its Optuna trial {trial.number} is {trial.state.name} (its worker died); closed by {me}"
+        else:
+            continue
+        if _kill_run(client, run.info.run_id, reason, trial.state.name if trial is not None else None):
+            closed.append(run.info.run_id)
+    if failed or closed:
+        print(f"closed what dead workers left RUNNING: Optuna trials {failed or 'none'} FAIL, "
+              f"{len(closed)} MLflow run(s) KILLED", flush=True)
+    return {"trials": failed, "runs": closed}
+
+
+def _stale_trial_callback(experiment_name: str):
+    """For Optuna's heartbeat: a trial it failed also ends its MLflow runs (child and worker's parent)."""
+
+    def callback(study, trial):
+        try:
+            experiment = mlflow.get_experiment_by_name(experiment_name)
+            if experiment is not None:
+                close_trial_runs(study, trial, experiment.experiment_id,
+                                 f"Optuna's heartbeat failed trial {trial.number}: its worker stopped "
+                                 f"(closed by pid {os.getpid()} on {socket.gethostname()})")
+        except Exception as err:  # noqa: BLE001 - never stop the search for this: say it
+            _warn(f"trial {trial.number} was failed by Optuna's heartbeat, but its MLflow runs could not be "
+                  f"closed ({type(err).__name__}: {err})")
+
+    return callback
 
 
 # --------------------------------------------------------------------------- the search
@@ -577,6 +736,10 @@ class _Search:
     # -- the objective --------------------------------------------------------
 
     def objective(self, trial: optuna.Trial):
+        # Who runs the trial: a later search closes it when this process is gone (close_stale).
+        trial.set_user_attr(WORKER_HOST, socket.gethostname())
+        trial.set_user_attr(WORKER_PID, os.getpid())
+        trial.set_user_attr(SEARCH_RUN, self.parent_run_id)
         keras.backend.clear_session()
         params = {p: trial.suggest_categorical(p, list(c)) for p, c in search_params(self.space).items()}
         alloc = allocation(self.model, self.space, params, self.opts)
@@ -625,6 +788,16 @@ class _Search:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 self.client.delete_tag(run_id, "error")
                 self.client.set_terminated(run_id, "KILLED")
+            raise
+        except KeyboardInterrupt as err:  # SIGTERM or Ctrl-C: the run ended KILLED, Optuna makes it FAIL
+            trial.set_user_attr("error", f"interrupted ({err or 'KeyboardInterrupt'})")
+            run_id = self.find_child(trial.number)
+            if run_id:
+                trial.set_user_attr("mlflow_run_id", run_id)
+                self.client.set_tag(run_id, "optuna.state", "FAIL")
+            print(f"trial {trial.number:>4} interrupted ({err or 'KeyboardInterrupt'}): FAIL, its run KILLED",
+                  flush=True)
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # not a traceback for an interrupt (reset after)
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
@@ -681,15 +854,21 @@ class _Search:
         attrs = trial.user_attrs
         run_id = attrs.get("mlflow_run_id")
         if run_id:
-            with contextlib.suppress(Exception):
+            try:
                 self.client.set_tag(run_id, "optuna.state", trial.state.name)
+            except Exception as err:  # noqa: BLE001 - the trial is recorded in Optuna: warn, go on
+                _warn(f"trial {trial.number}: could not tag MLflow run {run_id} with its state "
+                      f"({type(err).__name__}: {err})")
         acc = attrs.get("accuracy")
         avg = attrs.get("cost.avg_weight_bits")
         cost = attrs.get(COSTS[self.opts["cost"]])
         if acc is not None and cost is not None:
-            with contextlib.suppress(Exception):
+            try:
                 tracking.log_batch(self.parent_run_id, metrics={"trial.accuracy": acc, "trial.cost": cost,
                                                                 "trial.avg_weight_bits": avg}, step=trial.number)
+            except Exception as err:  # noqa: BLE001 - a summary metric of the parent: warn, go on
+                _warn(f"trial {trial.number}: could not log its summary metrics to the search run "
+                      f"({type(err).__name__}: {err})")
         duration = trial.duration.total_seconds() if trial.duration else 0.0
         text = [f"trial {trial.number:>4} {trial.state.name:<8}",
                 f"{self.metric[:3]} {acc:.4f}" if acc is not None else f"{self.metric[:3]}    -  ",
@@ -766,14 +945,26 @@ def _trial_row(trial, metric: str, cost_key: str) -> dict:
     return row
 
 
+def _atomic_write(path: Path, write) -> None:
+    """Write to a private temporary name, then rename: workers sharing an output folder never
+    see (or leave) half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(path, write)
 
 
 def _yaml_text(trial, study_name: str, metric: str, cost_key: str) -> str:
@@ -832,14 +1023,15 @@ def export(study: optuna.Study, opts: Mapping, summary: Mapping, output_dir: Pat
     pareto_dir = output_dir / "pareto"
     if pareto_dir.exists():
         for old in pareto_dir.glob("trial_*.yaml"):
-            old.unlink()
+            old.unlink(missing_ok=True)  # a worker sharing the folder may have removed it first
     pareto_dir.mkdir(exist_ok=True)
     rows = [_trial_row(by_number[n], metric, cost_key) for n in summary["pareto"]]
     for row in rows:
         row.pop("state")
     _write_csv(output_dir / "pareto.csv", rows)
     for n in summary["pareto"]:
-        (pareto_dir / f"trial_{n}.yaml").write_text(_yaml_text(by_number[n], study.study_name, metric, cost_key))
+        text = _yaml_text(by_number[n], study.study_name, metric, cost_key)
+        _atomic_write(pareto_dir / f"trial_{n}.yaml", lambda tmp, text=text: tmp.write_text(text))
     _write_csv(output_dir / "trials.csv", [_trial_row(t, metric, cost_key) for t in by_number.values()])
     return {"pareto_csv": output_dir / "pareto.csv", "pareto_dir": pareto_dir,
             "trials_csv": output_dir / "trials.csv"}
@@ -898,6 +1090,7 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
     trainer = cfg["trainer"]
 
     # Everything that can be checked before any run starts is checked here.
+    check_trainer(trainer)
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
     if not len(data.x_val):
         print("warning: data.val_split is 0: trials are selected on the test set", flush=True)
@@ -906,30 +1099,56 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
     if not space:
         raise SearchConfigError("search: nothing to search (every point is pinned or excluded)")
 
+    mlcfg = cfg.get("mlflow") or {}
+    experiment_name = mlcfg.get("experiment_name", "nics_fix")
     previous_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = open_study(opts, study_name, storage_url)
-        check_compatible(study, space)
-        # Offset by the stored trials, so a resumed search does not replay its first samples.
-        seed = None if opts["seed"] is None else int(opts["seed"]) + len(study.trials)
-        study.sampler = make_sampler(opts, seed)
+        # SIGTERM (schedulers, kill): the running trial's run ends KILLED, its trial FAIL, this search KILLED.
+        with _sigterm_as_interrupt():
+            study = open_study(opts, study_name, storage_url, on_stale_trial=_stale_trial_callback(experiment_name))
+            check_compatible(study, space)
+            # Offset by the stored trials, so a resumed search does not replay its first samples.
+            seed = None if opts["seed"] is None else int(opts["seed"]) + len(study.trials)
+            study.sampler = make_sampler(opts, seed)
 
-        mlcfg = cfg.get("mlflow") or {}
-        tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
-        tags = {**tracking.base_tags("search"), "optuna.study_name": study_name}
-        with mlflow.start_run(run_name=f"search-{study_name}", tags=tags) as parent:
+            tracking.setup(mlcfg.get("tracking_uri"), experiment_name)
+            try:
+                close_stale(study, mlflow.get_experiment_by_name(experiment_name).experiment_id)
+            except Exception as err:  # noqa: BLE001 - the search itself can go on: say it
+                _warn(f"could not close what dead workers left RUNNING ({type(err).__name__}: {err})")
+            tags = {**tracking.base_tags("search"), **checkpoint.process_tags(), "optuna.study_name": study_name}
+            parent = mlflow.start_run(run_name=f"search-{study_name}", tags=tags)
             try:
                 summary = _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, choices,
                                          output_dir)
             except BaseException as err:
-                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+                _end_runs(parent.info.run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                          f"{type(err).__name__}: {err}")
                 raise
-            if summary["interrupted"]:
-                mlflow.end_run("KILLED")
+            _end_runs(parent.info.run_id, "KILLED" if summary["interrupted"] else "FINISHED")
         return summary
     finally:
         optuna.logging.set_verbosity(previous_level)
+
+
+def _end_runs(parent_id: str, status: str, error: str | None = None) -> None:
+    """End the active runs down to and including the search run (a nested one left open too)."""
+    if error:
+        MlflowClient().set_tag(parent_id, "error", error[:5000])
+    while (active := mlflow.active_run()) is not None:
+        mlflow.end_run(status)
+        if active.info.run_id == parent_id:
+            break
+
+
+def _fail_own_trials(study: optuna.Study, reason: str) -> None:
+    """After an interrupt: this process's trials still RUNNING become FAIL (none is left to a heartbeat)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_PID) == os.getpid() and trial.user_attrs.get(WORKER_HOST) == socket.gethostname():
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # finished meanwhile: fine
+                study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, choices, output_dir):
@@ -966,16 +1185,20 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
         try:
             study.optimize(search.objective, n_trials=n_trials, timeout=opts["timeout"],
                            catch=(Exception,), callbacks=[search.progress])
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             interrupted = True
+            _fail_own_trials(study, f"interrupted ({err or 'KeyboardInterrupt'})")
+            MlflowClient().set_tag(run_id, "error", f"KeyboardInterrupt: {err or 'interrupted'}")
             print("interrupted: exporting what is done", flush=True)
 
     summary = summarize(study, opts, search.metric, reference)
-    files = export(study, opts, summary, output_dir)
-    mlflow.log_artifact(str(files["pareto_csv"]))
-    mlflow.log_artifact(str(files["trials_csv"]))
-    if any(files["pareto_dir"].iterdir()):
-        mlflow.log_artifacts(str(files["pareto_dir"]), "pareto")
+    with tempfile.TemporaryDirectory() as own:  # workers may share output_dir: log this process's copy
+        files = export(study, opts, summary, Path(own))
+        mlflow.log_artifact(str(files["pareto_csv"]))
+        mlflow.log_artifact(str(files["trials_csv"]))
+        if any(files["pareto_dir"].iterdir()):
+            mlflow.log_artifacts(str(files["pareto_dir"]), "pareto")
+    export(study, opts, summary, output_dir)
     metrics = {"search.trials": summary["n_trials"], "search.pareto_points": len(summary["pareto"]),
                "search.hypervolume": summary["hypervolume"]}
     for state in ("COMPLETE", "PRUNED", "FAIL"):

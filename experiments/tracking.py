@@ -45,14 +45,6 @@ from nics_fix.cost import bops, cost_summary, data_bits
 
 REPO = Path(__file__).resolve().parents[1]
 
-# MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s per request) make a
-# job pointed at an unreachable tracking server hang for minutes before it says so.
-# A few quick retries (about 7 s in all) still ride out a server restart; MLflow reads
-# these at each request, and values you set yourself are kept.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
 
 

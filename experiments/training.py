@@ -79,11 +79,52 @@ def make_optimizer(trainer: Mapping, steps_per_epoch: int):
     raise TrainConfigError(f"trainer.optimizer.name must be adam, adamw, sgd or rmsprop, got {name!r}")
 
 
+def check_trainer(trainer: Mapping) -> None:
+    """The trainer's integer settings, checked before they are used (a typo is a clear error)."""
+    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", None), ("verbose", 0)):
+        value = trainer.get(key)
+        if value is None and key != "epochs":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            what = "an integer" if minimum is None else f"an integer >= {minimum}"
+            raise TrainConfigError(f"trainer.{key} must be {what}, got {value!r} "
+                                   f"(fix it in conf/trainer/ or on the command line: trainer.{key}=...)")
+
+
 def _source(group: str, choices: Mapping) -> str:
+    """Where a group's config came from: its file (as Hydra found it) and command-line overrides."""
     choice = choices.get(group)
-    if choice:
-        return f"{group}={choice} (conf/{group}/{choice}.yaml)"
-    return group
+    text = f"{group}={choice} ({_config_file(group, choice)})" if choice else group
+    overrides = [o for o in _hydra_overrides() if o.lstrip("+~").split("=", 1)[0].startswith(f"{group}.")]
+    if overrides:
+        text += f" with {' '.join(overrides)}"
+    return text
+
+
+def _config_file(group: str, choice: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        for source in HydraConfig.get().runtime.config_sources:
+            path = Path(str(source.path)) / group / f"{choice}.yaml"
+            if source.schema == "file" and path.is_file():
+                inside = path.resolve().is_relative_to(_CONF)
+                return f"conf/{group}/{choice}.yaml" if inside else str(path)
+    except (ImportError, ValueError, AttributeError):  # not under Hydra
+        pass
+    return f"conf/{group}/{choice}.yaml"
+
+
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except (ImportError, ValueError):  # not under Hydra
+        return []
 
 
 def build(cfg: Mapping, data: Dataset, choices: Mapping | None = None):
@@ -255,6 +296,7 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         tracking.log_batch(run_id, params=params)
         mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
 
+    check_trainer(trainer)
     seed_everything(trainer.get("seed", 0), trainer)
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
     model, scope = build(cfg, data, choices)

@@ -134,7 +134,8 @@ def test_cli_multirun_logs_one_run_per_job_and_cli_errors_are_one_line(tmp_path)
                    f"hydra.run.dir={tmp_path}/bad"], cwd=tmp_path)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
-    assert ("error: fixed=w8a8 (conf/fixed/w8a8.yaml): by_name.dense1.weight.data_config.training: "
+    assert ("error: fixed=w8a8 (conf/fixed/w8a8.yaml) with +fixed.by_name.dense1.weight.data_config.training="
+            "sometimes: by_name.dense1.weight.data_config.training: "
             "mode must be one of auto, fixed, none or an integer scale, got 'sometimes'") in bad.stderr
 
 
