@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from nics_fix.config import DataConfig, GradientConfig, PointConfig
 from nics_fix.log import logger
-from nics_fix.quant import _as_float32, _auto_scale_pow2, _Format, _quantize, _quantize_ste
+from nics_fix.quant import _as_float32, _auto_format, _auto_scale_pow2, _Format, _quantize, _quantize_ste
 from nics_fix.strategy import PointInfo, Strategy
 
 
@@ -84,11 +84,19 @@ class FixedPoint:
             x = getattr(strategy, f"pre_{self.kind}")(x, PointInfo(self.name, self.kind, data, stored, training))
         scale = None
         if mode != "none":
-            scale, fmt = self._format(x, mode, data.bit_width, self.data_scale)
             # Stochastic rounding is a training device: evaluation rounds to
             # nearest, so a model's predictions (and their reproduction) are deterministic.
             rounding = "nearest" if not training and data.rounding == "stochastic" else data.rounding
-            x = _quantize_ste(x, fmt, rounding)
+            if mode == "auto" and x.dtype == tf.float32:
+                # The scale's two reductions also tell whether any element is
+                # clipped; if none is, the backward pass skips the STE mask.
+                fmt, all_inside = _auto_format(x, data.bit_width)
+                scale = fmt.scale
+                self.data_scale.assign(scale)
+                x = _quantize_ste(x, fmt, rounding, all_inside=all_inside)
+            else:
+                scale, fmt = self._format(x, mode, data.bit_width, self.data_scale)
+                x = _quantize_ste(x, fmt, rounding)
         if strategy is not None:
             x = getattr(strategy, f"post_{self.kind}")(x, PointInfo(self.name, self.kind, data, scale, training))
         if training and (not self.config.gradient.is_float or self._uses_grad_hooks):

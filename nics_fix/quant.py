@@ -85,20 +85,23 @@ def clamp_scale(scale) -> tf.Tensor:
     return tf.clip_by_value(tf.cast(scale, tf.int32), MIN_SCALE, MAX_SCALE)
 
 
-def _abs_max_finite(x) -> tf.Tensor:
-    """``max |x|`` over the finite values of float32 ``x`` (``-inf`` if there are none)."""
+def _abs_max_finite(x):
+    """``(m, extremes)``: ``m = max |x|`` over the finite values of float32 ``x``
+    (``-inf`` if there are none) and ``extremes = (max(x), min(x))``, or None
+    under XLA."""
     if _in_xla_context():
         # XLA fuses the mask into the reduction: one pass, no branch.
-        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype)))
+        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype))), None
     # max|x| = max(max(x), -min(x)): two read-only reductions, no |x| temporary.
     # Both reductions propagate NaN and an Inf shows up in one of them, so a
     # non-finite m means "an Inf or NaN is present": only then the masked pass.
-    m = tf.maximum(tf.reduce_max(x), -tf.reduce_min(x))
+    hi, lo = tf.reduce_max(x), tf.reduce_min(x)
+    m = tf.maximum(hi, -lo)
 
     def finite_max():
         return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x)))
 
-    return tf.cond(tf.math.is_finite(m), lambda: m, finite_max)
+    return tf.cond(tf.math.is_finite(m), lambda: m, finite_max), (hi, lo)
 
 
 def _pow2_ceil(m):
@@ -122,7 +125,24 @@ def _as_float32(x) -> tf.Tensor:
 
 def _auto_scale_pow2(x):
     """:func:`auto_scale` and ``2.0 ** scale`` (float32), without recomputing the power."""
-    return _pow2_ceil(_abs_max_finite(_as_float32(x)))
+    return _pow2_ceil(_abs_max_finite(_as_float32(x))[0])
+
+
+def _auto_format(x, bit_width: int):
+    """For float32 ``x``: ``(format with the auto scale, all_inside)``.
+
+    ``all_inside`` is a bool scalar, true when every element of ``x`` lies in
+    the representable range (then the STE mask is all ones and the backward
+    pass can skip it), read off the same two reductions; None under XLA.
+    """
+    m, extremes = _abs_max_finite(x)
+    scale, p = _pow2_ceil(m)
+    fmt = _Format(bit_width, scale, p)
+    if extremes is None:
+        return fmt, None
+    # NaN makes max(x) NaN and an Inf sits at one of the ends: both compare false.
+    x_max, x_min = extremes
+    return fmt, tf.logical_and(x_max <= fmt.high, x_min >= fmt.low)
 
 
 def auto_scale(x) -> tf.Tensor:
@@ -281,8 +301,12 @@ def representable_range(bit_width: int, scale):
     return -pow2(scale), pow2(scale) - quantization_step(bit_width, scale)
 
 
-def _quantize_ste(x, fmt: _Format, rounding: str, seed=None):
-    """:func:`quantize_ste` in a prepared format (the points reuse their auto scale's power)."""
+def _quantize_ste(x, fmt: _Format, rounding: str, seed=None, all_inside=None):
+    """:func:`quantize_ste` in a prepared format (the points reuse their auto scale's power).
+
+    ``all_inside``: optional bool scalar, true when no element of ``x`` is clipped;
+    the backward pass then returns the gradient as it is (what the mask would).
+    """
     low, high = fmt.low, fmt.high
 
     @tf.custom_gradient
@@ -290,11 +314,16 @@ def _quantize_ste(x, fmt: _Format, rounding: str, seed=None):
         y = _quantize(_as_float32(x), fmt, rounding, seed)
 
         def grad(dy):
-            lo, hi = low, high
-            if x.dtype != tf.float32:
-                lo, hi = tf.cast(lo, x.dtype), tf.cast(hi, x.dtype)
-            inside = tf.logical_and(x >= lo, x <= hi)
-            return tf.where(inside, dy, tf.zeros([], dy.dtype))
+            def masked():
+                lo, hi = low, high
+                if x.dtype != tf.float32:
+                    lo, hi = tf.cast(lo, x.dtype), tf.cast(hi, x.dtype)
+                inside = tf.logical_and(x >= lo, x <= hi)
+                return tf.where(inside, dy, tf.zeros([], dy.dtype))
+
+            if all_inside is None:
+                return masked()
+            return tf.cond(all_inside, lambda: tf.identity(dy), masked)
 
         return y, grad
 
