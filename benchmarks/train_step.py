@@ -55,9 +55,9 @@ RESULTS = REPO / "benchmarks" / "results"
 BITS = 8
 
 
-def quant_config(gradients: bool, bits: int = BITS) -> dict:
+def quant_config(gradients: bool, bits: int = BITS, not_training: str = "auto") -> dict:
     """The layer config: weights and activations at ``bits``, gradients too if asked."""
-    data = {"bit_width": bits, "training": "auto", "not_training": "auto"}
+    data = {"bit_width": bits, "training": "auto", "not_training": not_training}
     point = {"data_config": dict(data)}
     if gradients:
         point["gradient_config"] = {"bit_width": bits, "training": "auto"}
@@ -69,6 +69,8 @@ VARIANTS = {
     "float": ("plain float (nics_fix layers, no config)", None),
     "quant": ("W, A, dW, dA at 8 bits, auto scales", quant_config(True)),
     "wa": ("W and A at 8 bits (float gradients)", quant_config(False)),
+    # not in the default set: evaluation with the stored (``fixed``) scales
+    "qfixed": ("as quant, but evaluation uses the stored scales", quant_config(True, not_training="fixed")),
 }
 
 MODELS = {
@@ -291,7 +293,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn"], help="mlp,cnn")
     parser.add_argument("--variants", type=_csv_list, default=["quant", "wa"],
-                        help="quantized variants compared with float: quant,wa")
+                        help="quantized variants compared with float: quant,wa (also: qfixed)")
     parser.add_argument("--xla", type=_csv_list, default=["off", "on"], help="off,on")
     parser.add_argument("--phases", type=_csv_list, default=["train", "eval"], help="train,eval")
     parser.add_argument("--reps", type=int, default=0,
