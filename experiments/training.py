@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -233,14 +235,46 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     return results
 
 
+#: Code that must not be interrupted half-way: a KeyboardInterrupt inside a database
+#: commit can leave the transaction open and the store locked for the rest of the process.
+_STORE_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "alembic", "psycopg2", "optuna.storages", "requests",
+                  "urllib3")
+
+
+_DEFER_S = 10.0
+
+
+def _in_store_call(frame) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (what schedulers send) ends the run as KILLED instead of leaving it RUNNING."""
+    """SIGTERM (what schedulers send) ends the run as KILLED instead of leaving it RUNNING.
+
+    The interrupt is raised at once, unless the main thread is inside an MLflow/Optuna
+    store call: then it is raised once that call has returned (re-checked every 50 ms,
+    for at most ``_DEFER_S`` seconds), or at the end of the block.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[float] = []  # when the first deferred signal came
+
+    def resend(signum):
+        if signal.getsignal(signal.SIGTERM) is handler:
+            os.kill(os.getpid(), signum)
 
     def handler(signum, frame):
+        if _in_store_call(frame) and time.monotonic() - (pending or [time.monotonic()])[0] < _DEFER_S:
+            pending.append(time.monotonic())
+            threading.Timer(0.05, resend, (signum,)).start()
+            return
+        pending.clear()  # delivered
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -248,6 +282,8 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if pending:
+        raise KeyboardInterrupt(f"signal {signal.SIGTERM.value}")
 
 
 def _find_resume(resume, experiment_name: str):
