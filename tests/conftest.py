@@ -19,6 +19,16 @@ def shared_data_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """An empty, migrated MLflow SQLite store: creating one takes seconds, copying it does not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

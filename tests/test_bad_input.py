@@ -29,14 +29,6 @@ CHEAP = ["data=synthetic", "data.num_examples=64", "data.test_examples=16", "mod
          "trainer.epochs=1", "trainer.verbose=0", "trainer.save_model=false", "trainer.checkpoint=false"]
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store (creating one takes seconds; copying it does not)."""
-    path = tmp_path_factory.mktemp("bad_input_mlflow") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(tmp_path, mlflow_template):
     db = tmp_path / "mlflow.db"

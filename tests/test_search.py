@@ -31,14 +31,6 @@ TINY = ["data=synthetic", "data.num_examples=128", "data.test_examples=32", "mod
         "trainer.epochs=1", "trainer.batch_size=32", "search.float_reference=false"]
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store (creating one takes seconds; copying it does not)."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(tmp_path, mlflow_template, request):
     """A fresh MLflow store in tmp_path and an experiment whose artifacts stay there too."""

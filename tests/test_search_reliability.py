@@ -34,14 +34,6 @@ PROBLEMS = ("Traceback", "database is locked", "deadlock", "warning:", "Trial fa
             "OperationalError", "IntegrityError")
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory):
-    """An empty, migrated MLflow SQLite store (creating one takes seconds; copying it does not)."""
-    path = tmp_path_factory.mktemp("reliability_mlflow") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 def _search_cmd(*overrides):
     return [sys.executable, "-m", "experiments.search", *TINY, *overrides]
 
