@@ -421,11 +421,9 @@ class FixedStorageOptimizer(keras.optimizers.Optimizer):
         """Put every variable with a storage format on its grid now (done at build)."""
         for variable, managed in self._nf.managed_vars:
             if managed.storage is not None:
-                value = tf.convert_to_tensor(variable)
-                scale = self._scale(managed.storage, value, managed.storage_scale)
-                variable.assign(fixed_point_quantize(
-                    value, managed.storage.bit_width, scale, managed.storage.rounding,
-                    self._seed(managed.index, 3, -1)))
+                rounded, _ = self._round(managed.storage, tf.convert_to_tensor(variable),
+                                         managed.storage_scale, self._seed(managed.index, 3, -1))
+                variable.assign(rounded)
 
     # -- apply ----------------------------------------------------------------------
 
@@ -458,19 +456,22 @@ class FixedStorageOptimizer(keras.optimizers.Optimizer):
             for variable, managed, old in pending:
                 self._store(variable, managed, old, step)
             for i, (slot, scale_var) in enumerate(self._nf.slots):
-                value = tf.convert_to_tensor(slot)
-                scale = self._scale(self.state_format, value, scale_var)
-                slot.assign(fixed_point_quantize(value, self.state_format.bit_width, scale,
-                                                 self.state_format.rounding, self._seed(i, 2, step)))
+                rounded, _ = self._round(self.state_format, tf.convert_to_tensor(slot), scale_var,
+                                         self._seed(i, 2, step))
+                slot.assign(rounded)
         self._iterations.assign_add(1)
 
-    def _scale(self, fmt: StorageConfig, value, scale_var):
+    def _round(self, fmt: StorageConfig, value, scale_var, seed):
+        """``value`` in ``fmt`` (recording an auto scale in ``scale_var``), and where it saturated."""
         if fmt.scale == "auto":
             scale = auto_scale(value)
             if scale_var is not None:
                 scale_var.assign(scale)
-            return scale
-        return tf.constant(fmt.scale, tf.int32)
+        else:
+            scale = tf.constant(fmt.scale, tf.int32)
+        low, high = representable_range(fmt.bit_width, scale)
+        rounded = fixed_point_quantize(value, fmt.bit_width, scale, fmt.rounding, seed)
+        return rounded, tf.logical_or(value < low, value > high)
 
     def _seed(self, index: int, which: int, step):
         if self.seed is None:
@@ -484,20 +485,14 @@ class FixedStorageOptimizer(keras.optimizers.Optimizer):
         saturated = tf.zeros(tf.shape(delta), tf.bool)
         value = new
         if managed.update is not None:
-            fmt = managed.update
-            scale = self._scale(fmt, delta, managed.update_scale)
-            delta_q = fixed_point_quantize(delta, fmt.bit_width, scale, fmt.rounding,
+            delta_q, clipped = self._round(managed.update, delta, managed.update_scale,
                                            self._seed(managed.index, 0, step))
-            low, high = representable_range(fmt.bit_width, scale)
-            saturated = tf.logical_or(saturated, tf.logical_or(delta < low, delta > high))
+            saturated = tf.logical_or(saturated, clipped)
             value = old + delta_q
         if managed.storage is not None:
-            fmt = managed.storage
-            scale = self._scale(fmt, value, managed.storage_scale)
-            stored = fixed_point_quantize(value, fmt.bit_width, scale, fmt.rounding,
+            stored, clipped = self._round(managed.storage, value, managed.storage_scale,
                                           self._seed(managed.index, 1, step))
-            low, high = representable_range(fmt.bit_width, scale)
-            saturated = tf.logical_or(saturated, tf.logical_or(value < low, value > high))
+            saturated = tf.logical_or(saturated, clipped)
         else:
             stored = value
         variable.assign(stored)
