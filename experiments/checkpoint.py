@@ -1,10 +1,12 @@
 """Per-epoch checkpoints of a train job, and finding the run to resume.
 
-A checkpoint folder holds ``state.npz`` (every model variable — weights,
-scales, BN statistics — and every optimizer variable, in creation order) and
-``state.json`` (the next epoch, the MLflow run id). Both are written to a
-temporary name and renamed, so a SIGKILL at any instant leaves the previous
-complete checkpoint, never a torn one.
+A checkpoint folder holds ``state-<epoch>.npz`` (every model variable —
+weights, scales, BN statistics — and every optimizer variable, in creation
+order) and ``state.json`` (the next epoch, the name of that arrays file, the
+MLflow run id and the last epoch's logs). Each file is written to a temporary
+name and renamed, the arrays first and ``state.json`` last, and an arrays file
+is deleted only once ``state.json`` no longer names it: a SIGKILL at any
+instant leaves a complete, matching pair, never a torn or mixed one.
 
 The run records its checkpoint folder in the tag ``nics_fix.checkpoint_dir``,
 and its host and process id in ``nics_fix.host`` / ``nics_fix.pid``: that is
@@ -22,7 +24,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-STATE_ARRAYS = "state.npz"
 STATE_JSON = "state.json"
 
 
@@ -36,7 +37,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str) -> None:
+def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str, logs=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"model_{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
     optimizer = getattr(model, "optimizer", None)
@@ -48,22 +49,28 @@ def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
 
-    _atomic_write(folder / STATE_ARRAYS, write_arrays)
-    state = {"next_epoch": int(next_epoch), "run_id": run_id}
+    arrays_name = f"state-{int(next_epoch)}.npz"
+    _atomic_write(folder / arrays_name, write_arrays)
+    state = {"next_epoch": int(next_epoch), "arrays": arrays_name, "run_id": run_id,
+             "logs": {str(k): float(v) for k, v in (logs or {}).items()}}
     _atomic_write(folder / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(state)))
+    for old in folder.glob("state-*.npz"):
+        if old.name != arrays_name:
+            old.unlink(missing_ok=True)
 
 
 def read_state(folder: Path) -> dict:
     path = Path(folder) / STATE_JSON
-    if not path.is_file() or not (Path(folder) / STATE_ARRAYS).is_file():
-        raise ResumeError(f"{folder}: no checkpoint (state.json and state.npz) to resume from")
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if "arrays" not in state or not (Path(folder) / state["arrays"]).is_file():
+        raise ResumeError(f"{folder}: no checkpoint (state.json and the arrays it names) to resume from")
+    return state
 
 
 def load_checkpoint(folder: Path, model) -> int:
     """Restore model and optimizer variables; return the epoch to continue from."""
     state = read_state(folder)
-    with np.load(Path(folder) / STATE_ARRAYS) as data:
+    with np.load(Path(folder) / state["arrays"]) as data:
         arrays = {k: data[k] for k in data.files}
     variables = list(model.variables)
     n_model = sum(k.startswith("model_") for k in arrays)
@@ -87,7 +94,7 @@ def load_checkpoint(folder: Path, model) -> int:
 
 
 class CheckpointCallback(keras.callbacks.Callback):
-    """Saves a checkpoint at the end of every epoch."""
+    """Saves a checkpoint, with the epoch's logs, at the end of every epoch."""
 
     def __init__(self, folder: Path, run_id: str):
         super().__init__()
@@ -95,7 +102,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.run_id = run_id
 
     def on_epoch_end(self, epoch, logs=None):
-        save_checkpoint(self.folder, self.model, epoch + 1, self.run_id)
+        save_checkpoint(self.folder, self.model, epoch + 1, self.run_id, logs)
 
 
 def process_tags() -> dict[str, str]:

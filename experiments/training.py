@@ -33,20 +33,40 @@ class TrainConfigError(ValueError):
     """A trainer/optimizer setting is invalid (names the key)."""
 
 
-def make_dataset(x, y, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
-    """A batched ``tf.data`` pipeline with autotuning off.
-
-    ``fit`` on NumPy arrays or an autotuned pipeline stalls for seconds at the
-    start of many epochs on small CPUs; a fixed pipeline does not.
-    """
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).prefetch(2)
+def _fixed_pipeline(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Autotuning off: ``fit`` on NumPy arrays or an autotuned pipeline stalls for
+    seconds at the start of many epochs on small CPUs; a fixed pipeline does not."""
     options = tf.data.Options()
     options.autotune.enabled = False
     options.deterministic = True
-    return ds.with_options(options)
+    return ds.prefetch(2).with_options(options)
+
+
+def make_dataset(x, y, batch_size: int) -> tf.data.Dataset:
+    """Batches of ``(x, y)`` in order (validation, test)."""
+    return _fixed_pipeline(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size))
+
+
+def training_dataset(x, y, batch_size: int, seed: int, first_epoch: int = 0) -> tf.data.Dataset:
+    """Endless shuffled batches, epoch after epoch from ``first_epoch``.
+
+    Epoch ``e`` visits the examples in an order that depends only on
+    ``(seed, e)``, so a job resumed from a checkpoint at epoch ``e`` sees the
+    same batches as the job that was killed: with op determinism and nearest
+    rounding, resuming gives the same weights, to the bit, as never stopping.
+    (``Dataset.shuffle`` reshuffles per iterator instead, and restarts its
+    sequence in every new process.) Use with ``fit(steps_per_epoch=...)``.
+    """
+    x, y = tf.constant(x), tf.constant(y)
+    n = int(x.shape[0])
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64),
+                                                                                       epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches)
+    return _fixed_pipeline(ds.map(lambda index: (tf.gather(x, index), tf.gather(y, index))))
 
 
 def make_optimizer(trainer: Mapping, steps_per_epoch: int):
@@ -182,12 +202,31 @@ def seed_everything(seed: int, trainer: Mapping | None = None) -> None:
         tf_config.disable_op_determinism()
 
 
-def _callbacks(model, run_id, trainer):
-    callbacks = [tracking.MlflowEpochLogger(run_id)]
-    counters = getattr(nf, "UpdateCountersCallback", None)
-    if counters is not None and _has_storage_configs(model):
-        callbacks.insert(0, counters())
-    return callbacks
+def _callbacks(model, run_id, folder):
+    """Epoch-end order matters: counters add to the logs, the checkpoint (with
+    those logs) is written, and only then are they sent to MLflow; so an epoch
+    is recorded once whatever instant a SIGKILL hits (see _log_unrecorded_epoch)."""
+    callbacks = [nf.UpdateCountersCallback()] if _has_storage_configs(model) else []
+    if folder is not None:
+        callbacks.append(checkpoint.CheckpointCallback(folder, run_id))
+    return callbacks + [tracking.MlflowEpochLogger(run_id)]
+
+
+def _log_unrecorded_epoch(run_id: str, folder, model) -> None:
+    """Log the checkpointed epoch if the killed job died before logging it.
+
+    Epochs after the checkpoint were neither kept nor logged (logging follows
+    checkpointing), and the resumed job runs them again: every epoch of the
+    run's history is logged once and belongs to the weights it ends with.
+    """
+    state = checkpoint.read_state(folder)
+    epoch, logs = state["next_epoch"] - 1, state.get("logs")
+    if epoch < 0 or not logs:
+        return
+    metrics = tracking.epoch_metrics(logs)
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, next(iter(metrics)))}
+    if epoch not in logged:
+        tracking.log_batch(run_id, metrics={**metrics, **tracking.scale_metrics(model)}, step=epoch)
 
 
 def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapping | None = None,
@@ -348,17 +387,16 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
     batch_size = int(trainer.get("batch_size", 64))
     steps = max(1, math.ceil(len(data.x_train) / batch_size))
     compile_model(model, trainer, steps)
-    train_ds = make_dataset(data.x_train, data.y_train, batch_size, True, int(trainer.get("seed", 0)))
-    val_ds = make_dataset(data.x_val, data.y_val, batch_size, False, 0) if len(data.x_val) else None
     initial_epoch = 0
     if resumed:
         initial_epoch = checkpoint.load_checkpoint(folder, model)
         mlflow.set_tag("nics_fix.resumed_from_epoch", str(initial_epoch))
-    callbacks = _callbacks(model, run_id, trainer) + list(extra_callbacks)
-    if folder is not None:
-        callbacks.append(checkpoint.CheckpointCallback(folder, run_id))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), shuffle=False,
-                        initial_epoch=initial_epoch, verbose=int(trainer.get("verbose", 2)), callbacks=callbacks)
+        _log_unrecorded_epoch(run_id, folder, model)
+    train_ds = training_dataset(data.x_train, data.y_train, batch_size, int(trainer.get("seed", 0)), initial_epoch)
+    val_ds = make_dataset(data.x_val, data.y_val, batch_size) if len(data.x_val) else None
+    history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), steps_per_epoch=steps, shuffle=False,
+                        initial_epoch=initial_epoch, verbose=int(trainer.get("verbose", 2)),
+                        callbacks=_callbacks(model, run_id, folder) + list(extra_callbacks))
     test_loss, test_accuracy = evaluate(model, data, batch_size)
     results = {"test_loss": test_loss, "test_accuracy": test_accuracy}
     if "val_accuracy" in history.history:
@@ -379,7 +417,7 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
 
 def evaluate(model, data: Dataset, batch_size: int) -> tuple[float, float]:
     """Test loss and accuracy in evaluation (not_training) mode, in a fixed batch order."""
-    test_ds = make_dataset(data.x_test, data.y_test, batch_size, False, 0)
+    test_ds = make_dataset(data.x_test, data.y_test, batch_size)
     loss, accuracy = model.evaluate(test_ds, verbose=0)
     return float(loss), float(accuracy)
 

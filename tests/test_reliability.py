@@ -72,9 +72,76 @@ def test_sigkilled_train_job_resumes_in_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["nics_fix.resumed_from_epoch"]) == killed_at["next_epoch"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-    assert sorted(set(steps)) == list(range(epochs))
+    assert sorted(steps) == list(range(epochs))  # each epoch once, whenever the kill struck
     assert "test_accuracy" in run.data.metrics
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["before_logging", "after_logging"])
+def test_resumed_run_equals_an_uninterrupted_one_and_logs_each_epoch_once(tmp_path, mlflow_template,
+                                                                            monkeypatch, logged):
+    """Killed right after the epoch-2 checkpoint, before or after epoch 2 reached
+    MLflow (where a kill could lose or repeat an epoch), then resumed by run id."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from experiments import tracking
+    from experiments.training import run_training
+    from tests.test_platform import compose_train
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = ["fixed=w8a8", "trainer.epochs=4", "trainer.save_model=false"]
+    straight = run_training(compose_train(overrides, store, "exact"), output_dir=tmp_path / "straight", choices={})
+
+    log_epoch = tracking.MlflowEpochLogger.on_epoch_end
+
+    def killed_at_epoch_2(self, epoch, logs=None):
+        if epoch == 2 and not logged:
+            raise KeyboardInterrupt
+        log_epoch(self, epoch, logs)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.MlflowEpochLogger, "on_epoch_end", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(compose_train(overrides, store, "exact"), output_dir=tmp_path / "killed", choices={})
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
+    assert state["next_epoch"] == 3
+    client = MlflowClient(store)
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(state["run_id"], "val_loss")] == [0, 1, 2][:2 + logged]
+
+    resumed = run_training(compose_train(overrides + [f"trainer.resume={state['run_id']}"], store, "exact"),
+                           output_dir=tmp_path / "resumed", choices={})
+    assert resumed["run_id"] == state["run_id"]
+    # Same batches per epoch, same scales, same Adam moments: the same numbers to the bit.
+    assert resumed["test_loss"] == straight["test_loss"] and resumed["val_loss"] == straight["val_loss"]
+    for name in ("train_loss", "val_loss", "val_accuracy", "scale.dense1.kernel.data"):
+        history = {run: sorted((m.step, m.value) for m in client.get_metric_history(run, name))
+                   for run in (straight["run_id"], resumed["run_id"])}
+        assert history[resumed["run_id"]] == history[straight["run_id"]], name
+        assert [step for step, _ in history[resumed["run_id"]]] == [0, 1, 2, 3], name
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoint").iterdir()) == ["state-4.npz", "state.json"]
+    mlflow.set_tracking_uri(None)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    from experiments.training import training_dataset
+
+    x = np.arange(10, dtype=np.float32)[:, None]
+    batches = [b[0].numpy()[:, 0].tolist() for b in training_dataset(x, x[:, 0], 4, seed=7).take(9)]
+    epochs = [sum(batches[i:i + 3], []) for i in (0, 3, 6)]
+    assert [len(b) for b in batches[:3]] == [4, 4, 2]  # the last batch of an epoch is short, never mixed
+    assert all(sorted(e) == list(range(10)) for e in epochs)  # every example once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]
+    from_epoch_1 = [b[0].numpy()[:, 0].tolist() for b in training_dataset(x, x[:, 0], 4, seed=7, first_epoch=1).take(6)]
+    assert from_epoch_1 == batches[3:]  # a resumed job sees exactly the batches the killed one would have
+    other_seed = [b[0].numpy()[:, 0].tolist() for b in training_dataset(x, x[:, 0], 4, seed=8).take(3)]
+    assert sum(other_seed, []) != epochs[0]
 
 
 def test_resume_errors_are_clear(tmp_path):
