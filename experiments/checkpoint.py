@@ -9,20 +9,26 @@ is deleted only once ``state.json`` no longer names it: a SIGKILL at any
 instant leaves a complete, matching pair, never a torn or mixed one.
 
 The run records its checkpoint folder in the tag ``nics_fix.checkpoint_dir``,
-and its host and process id in ``nics_fix.host`` / ``nics_fix.pid``: that is
-how a RUNNING run whose process died (SIGKILL, power loss) is told apart from
-one still training (see :func:`is_stale`).
+its host and process id in ``nics_fix.host`` / ``nics_fix.pid``, and a
+heartbeat (``nics_fix.heartbeat``): that is how a RUNNING run whose process
+died (SIGKILL, power loss, a preempted node) is told apart from one still
+training, on this host or another (see :func:`stale_reason`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
+import threading
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
+from mlflow.tracking import MlflowClient
 
 STATE_JSON = "state.json"
 
@@ -119,23 +125,71 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(run) -> bool:
-    """A RUNNING run whose process is gone (same host, pid not alive)."""
+HEARTBEAT = "nics_fix.heartbeat"  # tag: Unix time of the run's process's last beat
+HEARTBEAT_INTERVAL = "nics_fix.heartbeat_interval"  # tag: seconds between beats
+
+
+@contextlib.contextmanager
+def heartbeat(run_id: str, interval: float | None):
+    """While the body runs, stamp the run's :data:`HEARTBEAT` tag every ``interval`` s.
+
+    A pid can only be checked on its own host; the heartbeat is how a RUNNING
+    run of a process that died on *another* machine (a preempted cluster job
+    rescheduled elsewhere) is told from a live one. ``None`` or 0: no beats.
+    """
+    if not interval:
+        yield
+        return
+    client = MlflowClient()  # the tracking URI of the caller, fixed now
+    client.set_tag(run_id, HEARTBEAT_INTERVAL, str(interval))
+    client.set_tag(run_id, HEARTBEAT, str(time.time()))
+    stop = threading.Event()
+
+    def beat():
+        failed = False
+        while not stop.wait(interval):
+            try:
+                client.set_tag(run_id, HEARTBEAT, str(time.time()))
+                failed = False
+            except Exception as err:  # noqa: BLE001 - a missed beat must not stop training
+                if not failed:
+                    print(f"warning: heartbeat of run {run_id} not recorded ({type(err).__name__}: {err})",
+                          file=sys.stderr, flush=True)
+                failed = True
+
+    thread = threading.Thread(target=beat, name=f"nics_fix-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def stale_reason(run, now: float | None = None) -> str | None:
+    """Why a RUNNING run's process is provably gone, or ``None`` if it may be alive.
+
+    On the run's own host (tag ``nics_fix.host``): its pid no longer exists.
+    Elsewhere: its heartbeat is older than twice its interval (clocks of the
+    two machines must agree to well within that margin).
+    """
     if run.info.status != "RUNNING":
-        return False
+        return None
     tags = run.data.tags
-    if tags.get("nics_fix.host") != socket.gethostname() or "nics_fix.pid" not in tags:
-        return False  # another machine's run: only its own host can tell
-    return not pid_alive(int(tags["nics_fix.pid"]))
+    if tags.get("nics_fix.host") == socket.gethostname() and "nics_fix.pid" in tags:
+        pid = int(tags["nics_fix.pid"])
+        return None if pid_alive(pid) else f"process {pid} on {tags['nics_fix.host']} is gone (killed?)"
+    try:
+        last, interval = float(tags[HEARTBEAT]), float(tags[HEARTBEAT_INTERVAL])
+    except (KeyError, ValueError):
+        return None  # no heartbeat recorded: only its own host can tell
+    silent = (time.time() if now is None else now) - last
+    if silent <= 2 * interval:
+        return None
+    return (f"no heartbeat from process {tags.get('nics_fix.pid', '?')} on {tags.get('nics_fix.host', '?')} "
+            f"for {silent:.0f} s (interval {interval:g} s)")
 
 
-def close_stale_runs(client, experiment_ids, status: str = "KILLED") -> list[str]:
-    """End every stale RUNNING run of these experiments as KILLED; return their ids."""
-    closed = []
-    for run in client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'",
-                                  max_results=5000):
-        if is_stale(run):
-            client.set_tag(run.info.run_id, "nics_fix.closed_as_stale", "process gone")
-            client.set_terminated(run.info.run_id, status)
-            closed.append(run.info.run_id)
-    return closed
+def is_stale(run, now: float | None = None) -> bool:
+    """A RUNNING run whose process is gone (see :func:`stale_reason`)."""
+    return stale_reason(run, now) is not None

@@ -605,10 +605,10 @@ def close_stale(study: optuna.Study, experiment_id: str) -> dict[str, list]:
       at once; on other hosts, Optuna's heartbeat fails it once it is older than
       ``2 * search.heartbeat_interval`` (``fail_stale_trials``).
     * MLflow: a RUNNING run of this study (search, trial or float reference)
-      whose ``nics_fix.host`` is this host and whose ``nics_fix.pid`` is gone
-      (:func:`experiments.checkpoint.is_stale`), or a trial run whose Optuna
-      trial is already finished, becomes KILLED with a ``nics_fix.closed_as_stale``
-      tag saying why.
+      whose process is gone — its pid on this host, its heartbeat tag silent
+      for ``2 * interval`` elsewhere (:func:`experiments.checkpoint.stale_reason`) —
+      or a trial run whose Optuna trial is already finished, becomes KILLED
+      with a ``nics_fix.closed_as_stale`` tag saying why.
     """
     storage = study._storage  # the RDBStorage open_study made
     me = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -635,8 +635,9 @@ def close_stale(study: optuna.Study, experiment_id: str) -> dict[str, list]:
         tags = run.data.tags
         trial = trials.get(tags.get("optuna.trial_number", ""))
         trial = trial if trial is not None and _is_child_of(run, trial) else None
-        if checkpoint.is_stale(run):
-            reason = f"process {tags.get('nics_fix.pid')} on {tags.get('nics_fix.host')} is gone (killed?); closed by {me}"
+        gone = checkpoint.stale_reason(run)
+        if gone:
+            reason = f"{gone}; closed by {me}"
         elif trial is not None and trial.state.is_finished():
             reason = f"its Optuna trial {trial.number} is {trial.state.name} (its worker died); closed by {me}"
         else:
@@ -1120,8 +1121,9 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
             tags = {**tracking.base_tags("search"), **checkpoint.process_tags(), "optuna.study_name": study_name}
             parent = mlflow.start_run(run_name=f"search-{study_name}", tags=tags)
             try:
-                summary = _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, choices,
-                                         output_dir)
+                with checkpoint.heartbeat(parent.info.run_id, opts["heartbeat_interval"]):
+                    summary = _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, choices,
+                                             output_dir)
             except BaseException as err:
                 _end_runs(parent.info.run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
                           f"{type(err).__name__}: {err}")

@@ -103,7 +103,8 @@ def make_optimizer(trainer: Mapping, steps_per_epoch: int):
 
 def check_trainer(trainer: Mapping) -> None:
     """The trainer's integer settings, checked before they are used (a typo is a clear error)."""
-    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", None), ("verbose", 0)):
+    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", None), ("verbose", 0),
+                         ("heartbeat_interval", 1)):
         value = trainer.get(key)
         if value is None and key != "epochs":
             continue
@@ -263,8 +264,10 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
         mlflow.set_tag("nics_fix.checkpoint_dir", str(Path(folder).resolve()))
     try:
         with _sigterm_as_interrupt():
-            results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
-                                    resumed=bool(resume_run))
+            check_trainer(trainer)
+            with checkpoint.heartbeat(run_id, trainer.get("heartbeat_interval", 60)):
+                results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
+                                        resumed=bool(resume_run))
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt)
         mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
@@ -356,8 +359,11 @@ def _find_resume(resume, experiment_name: str):
     if not folder:
         raise checkpoint.ResumeError(f"trainer.resume={resume}: the run recorded no checkpoint folder")
     if run.info.status == "RUNNING" and not checkpoint.is_stale(run):
-        raise checkpoint.ResumeError(f"trainer.resume={resume}: the run is still RUNNING in a live process "
-                                     f"(pid {run.data.tags.get('nics_fix.pid')})")
+        tags = run.data.tags
+        raise checkpoint.ResumeError(
+            f"trainer.resume={resume}: the run is still RUNNING in a live process (pid {tags.get('nics_fix.pid')} "
+            f"on {tags.get('nics_fix.host')}); a process on another host counts as dead once its heartbeat "
+            f"has been silent for twice its interval ({tags.get(checkpoint.HEARTBEAT_INTERVAL, '?')} s)")
     checkpoint.read_state(Path(folder))
     return Path(folder), run.info.run_id
 
@@ -371,7 +377,6 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         tracking.log_batch(run_id, params=params)
         mlflow.log_text(yaml.safe_dump(_plain(cfg), sort_keys=False), "config/train_config.yaml")
 
-    check_trainer(trainer)
     seed_everything(trainer.get("seed", 0), trainer)
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
     model, scope = build(cfg, data, choices)

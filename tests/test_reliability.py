@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -142,6 +143,95 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert from_epoch_1 == batches[3:]  # a resumed job sees exactly the batches the killed one would have
     other_seed = [b[0].numpy()[:, 0].tolist() for b in training_dataset(x, x[:, 0], 4, seed=8).take(3)]
     assert sum(other_seed, []) != epochs[0]
+
+
+def _run(status="RUNNING", **tags):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(info=SimpleNamespace(status=status), data=SimpleNamespace(tags=tags))
+
+
+def test_stale_by_pid_on_this_host_and_by_heartbeat_elsewhere():
+    import socket
+
+    from experiments.checkpoint import is_stale, stale_reason
+
+    here = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = 1_000_000.0
+    beat = {"nics_fix.heartbeat_interval": "60"}
+    assert stale_reason(_run(**{"nics_fix.host": here, "nics_fix.pid": str(os.getpid())})) is None
+    assert "process %d on %s is gone" % (dead.pid, here) in stale_reason(
+        _run(**{"nics_fix.host": here, "nics_fix.pid": str(dead.pid)}))
+    elsewhere = {"nics_fix.host": "node7", "nics_fix.pid": "4242", **beat}
+    assert not is_stale(_run(**elsewhere, **{"nics_fix.heartbeat": str(now - 120)}), now)  # 2x interval: alive
+    assert stale_reason(_run(**elsewhere, **{"nics_fix.heartbeat": str(now - 121)}), now) == \
+        "no heartbeat from process 4242 on node7 for 121 s (interval 60 s)"
+    assert not is_stale(_run(**{"nics_fix.host": "node7", "nics_fix.pid": "4242"}), now)  # no heartbeat: can't tell
+    assert not is_stale(_run(**elsewhere, **{"nics_fix.heartbeat": "garbage"}), now)
+    assert not is_stale(_run("KILLED", **{"nics_fix.host": here, "nics_fix.pid": str(dead.pid)}))
+
+
+def test_heartbeat_stamps_the_run_while_the_body_runs(tmp_path, mlflow_template):
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from experiments.checkpoint import HEARTBEAT, HEARTBEAT_INTERVAL, heartbeat
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        client = MlflowClient()
+        run_id = client.create_run("0").info.run_id
+        with heartbeat(run_id, None):
+            pass
+        assert HEARTBEAT not in client.get_run(run_id).data.tags  # off: no tag at all
+        with heartbeat(run_id, 0.2):
+            first = float(client.get_run(run_id).data.tags[HEARTBEAT])
+            time.sleep(1.0)
+            latest = float(client.get_run(run_id).data.tags[HEARTBEAT])
+        assert latest - first >= 0.6  # several beats, 0.2 s apart
+        assert client.get_run(run_id).data.tags[HEARTBEAT_INTERVAL] == "0.2"
+        time.sleep(0.5)
+        assert float(client.get_run(run_id).data.tags[HEARTBEAT]) - latest < 0.3  # stopped with the body
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_run_left_running_on_another_host_is_resumable_once_its_heartbeat_stops(tmp_path, mlflow_template):
+    """A preempted cluster job rescheduled on another node: its checkpoint folder on shared disk."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from experiments.checkpoint import ResumeError, save_checkpoint
+    from experiments.training import _find_resume
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        client = MlflowClient()
+        experiment = client.create_experiment("preempted")
+        folder = tmp_path / "checkpoint"
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        run_id = client.create_run(experiment, tags={
+            "nics_fix.host": "node7", "nics_fix.pid": "4242", "nics_fix.checkpoint_dir": str(folder),
+            "nics_fix.heartbeat_interval": "60", "nics_fix.heartbeat": str(time.time() - 30)}).info.run_id
+        save_checkpoint(folder, model, 3, run_id)
+        with pytest.raises(ResumeError, match=r"still RUNNING in a live process \(pid 4242 on node7\); a process "
+                                              r"on another host counts as dead .* \(60 s\)"):
+            _find_resume(run_id, "preempted")
+        with pytest.raises(ResumeError, match="has no interrupted run"):
+            _find_resume(True, "preempted")  # the only run is alive: nothing to take over
+        client.set_tag(run_id, "nics_fix.heartbeat", str(time.time() - 121))
+        assert _find_resume(run_id, "preempted") == (folder, run_id)
+        assert _find_resume(True, "preempted") == (folder, run_id)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_resume_errors_are_clear(tmp_path):

@@ -250,10 +250,20 @@ def test_stale_trials_and_runs_are_closed_by_pid_here_and_by_heartbeat_elsewhere
             trial_ids[name] = trial._trial_id
         study._storage.record_heartbeat(trial_ids["elsewhere"])  # then silence: that worker died
         study._storage.record_heartbeat(trial_ids["alive_here"])
+        # Search runs of other hosts between two trials (no RUNNING trial): their own heartbeat tag decides.
+        between_trials = {name: client.create_run(experiment_id, tags={
+            "optuna.study_name": "s", "nics_fix.role": "search", "nics_fix.host": "node7", "nics_fix.pid": "7",
+            "nics_fix.heartbeat_interval": "60", "nics_fix.heartbeat": str(time.time() - age)}).info.run_id
+            for name, age in (("silent", 600), ("beating", 5))}
 
         # Within the grace period: the dead local pid is closed at once, the other host is not judged yet.
         closed = searching.close_stale(study, experiment_id)
-        assert closed["trials"] == [ids["dead_here"][0]] and set(closed["runs"]) == set(ids["dead_here"][1:])
+        assert closed["trials"] == [ids["dead_here"][0]]
+        assert set(closed["runs"]) == {*ids["dead_here"][1:], between_trials["silent"]}
+        silent = client.get_run(between_trials["silent"])
+        assert silent.info.status == "KILLED"
+        assert silent.data.tags["nics_fix.closed_as_stale"].startswith("no heartbeat from process 7 on node7 for 6")
+        assert client.get_run(between_trials["beating"]).info.status == "RUNNING"
         time.sleep(3.1)  # SQLite timestamps have whole seconds: > 2 s for sure
         study._storage.record_heartbeat(trial_ids["alive_here"])  # a live worker keeps beating
         closed = searching.close_stale(study, experiment_id)
