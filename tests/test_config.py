@@ -327,7 +327,7 @@ POINT = "{bit_width: 8, training: auto, not_training: fixed}"
 
 MALFORMED = {
     "unknown top-level key": (
-        f"configs: {{}}\nby_kind: {{Dense: {{}}}}\n",
+        "configs: {}\nby_kind: {Dense: {}}\n",
         "by_kind", ["unknown key 'by_kind'", "allowed: configs, by_type, by_name"]),
     "unknown key in a point": (
         f"by_name:\n  dense1:\n    weight: {{data_cfg: {POINT}}}\n",
