@@ -365,17 +365,19 @@ EDGE_INPUTS = {
     "zeros": np.zeros((4, 3), np.float32),
     "nan_inf": np.array([[np.nan, np.inf, -np.inf], [1.0, -2.0, 0.5]] * 2, np.float32),
     "huge": np.full((4, 3), 3e38, np.float32),
-    "tiny": np.full((4, 3), 1e-40, np.float32),
+    "tiny": np.full((4, 3), 1e-40, np.float32),  # subnormal
+    "mixed": np.array([[3e38, -3e38, 1e-40], [-0.0, 1.0, -1e-30]] * 2, np.float32),
 }
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
 @pytest.mark.parametrize("bits", [1, 32])
 @pytest.mark.parametrize("mode", ["auto", "fixed", 0, "none"])
 @pytest.mark.parametrize("case", sorted(EDGE_INPUTS))
-def test_edge_numerics_through_every_mode(case, mode, bits):
+def test_edge_numerics_through_every_mode(case, mode, bits, rounding):
     x = EDGE_INPUTS[case]
-    point = {"data_config": {"bit_width": bits, "training": mode, "not_training": mode},
-             "gradient_config": {"bit_width": bits, "training": mode}}
+    point = {"data_config": {"bit_width": bits, "training": mode, "not_training": mode, "rounding": rounding},
+             "gradient_config": {"bit_width": bits, "training": mode, "rounding": rounding}}
     layer = nf.Quantize(fixed_config={"activation": point})
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
@@ -386,11 +388,21 @@ def test_edge_numerics_through_every_mode(case, mode, bits):
     assert y.shape == x.shape and grad.shape == x.shape
     scales = layer.fixed_points["activation"].describe()
     for key in ("data_scale", "grad_scale"):
-        assert MIN_SCALE <= scales[key] <= MAX_SCALE or scales[key] == 0
-    finite_in = np.isfinite(x)
+        assert MIN_SCALE <= scales[key] <= MAX_SCALE
+    finite = x[np.isfinite(x)]
+    if mode == "auto":  # ceil(log2 max|x|) of the finite values, clamped; MIN_SCALE when none is nonzero
+        peak = np.abs(finite).max() if finite.size else 0.0
+        expected = MIN_SCALE if peak == 0 else int(np.clip(np.ceil(np.log2(np.float64(peak))), MIN_SCALE, MAX_SCALE))
+        assert scales["data_scale"] == expected
     if mode != "none":
-        # Finite inputs stay finite and inside the range; NaN stays NaN; Inf saturates.
-        out = y.numpy()
-        assert np.all(np.isfinite(out[finite_in]))
+        # Finite inputs land on the grid inside [-2^s, 2^s - step]; NaN stays NaN; Inf saturates to the ends.
+        # (Above 24 bits 2^s - step is not a float32: the top end rounds to 2^s, as documented.)
+        out = y.numpy().astype(np.float64)
+        scale = scales["data_scale"]
+        step = 2.0 ** (scale - bits + 1)
+        low, high = -(2.0 ** scale), float(np.float32(2.0 ** scale - step))
+        on = out[np.isfinite(x)]
+        assert np.all(np.isfinite(on)) and np.all(on >= low) and np.all(on <= high)
+        assert np.array_equal(on / step, np.round(on / step))
         assert np.all(np.isnan(out[np.isnan(x)]))
-        assert np.all(np.isfinite(out[np.isinf(x)]))
+        assert np.all(out[x == np.inf] == high) and np.all(out[x == -np.inf] == low)
