@@ -84,6 +84,9 @@ def load_checkpoint(folder: Path, model) -> int:
         raise ResumeError(f"{folder}: checkpoint has {n_model} model variables, the model {len(variables)}: "
                           "was the config changed since the run started?")
     for i, variable in enumerate(variables):
+        if tuple(variable.shape) != arrays[f"model_{i}"].shape:
+            raise ResumeError(f"{folder}: the checkpoint's {variable.path} has shape {arrays[f'model_{i}'].shape}, "
+                              f"the model's {tuple(variable.shape)}: resume with the config the run started with")
         variable.assign(arrays[f"model_{i}"])
     opt_keys = [k for k in arrays if k.startswith("optimizer_")]
     if opt_keys:

@@ -17,14 +17,18 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 USER_ERRORS: tuple[type, ...] = (ConfigError, FixedModelError)
 
 
-def _user_error_types() -> tuple[type, ...]:
+def user_error_types() -> tuple[type, ...]:
+    """Every exception type that means "the input is wrong" (its message says what and where)."""
     from experiments.checkpoint import ResumeError
     from experiments.data import DataError
     from experiments.models import ModelConfigError
     from experiments.tracking import TrackingError
     from experiments.training import TrainConfigError
 
-    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError, ResumeError, TrackingError)
+    from omegaconf.errors import InterpolationResolutionError  # a ${...} that names nothing
+
+    return USER_ERRORS + (DataError, ModelConfigError, TrainConfigError, ResumeError, TrackingError,
+                          InterpolationResolutionError)
 
 
 def _in_multirun() -> bool:
@@ -89,7 +93,7 @@ def user_errors(extra: tuple[type, ...] = ()):
     """Print a user error as ``error: ...`` and exit 2 (in a multirun, let it propagate)."""
     try:
         yield
-    except _user_error_types() + tuple(extra) as err:
+    except user_error_types() + tuple(extra) as err:
         if _in_multirun():
             raise
         print(f"error: {err}", file=sys.stderr)

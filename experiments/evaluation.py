@@ -56,6 +56,7 @@ def run_eval(cfg: Mapping) -> dict:
     """Evaluate a saved model; log to its run, a new run, or nowhere (``log_to``)."""
     mlcfg = cfg.get("mlflow") or {}
     run_id, model_path = cfg.get("run_id"), cfg.get("model_path")
+    run_id = None if run_id is None else str(run_id)  # an all-digit id arrives as an int from Hydra
     if bool(run_id) == bool(model_path):
         raise EvalInputError("give exactly one of run_id=<MLflow run id> or model_path=<fixed_model folder>")
     tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))

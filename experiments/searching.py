@@ -70,8 +70,10 @@ from experiments.training import (
     _sigterm_as_interrupt,
     build,
     check_trainer,
+    interrupt_handled,
     run_training,
 )
+from experiments.validate import check_value
 
 QUANTITIES = ("weight.data", "weight.grad", "activation.data", "activation.grad")
 OBJECTIVES = ("pareto", "budget", "min_cost")
@@ -202,10 +204,24 @@ def search_options(search: Mapping | None = None) -> dict:
         bad = [k for k in modes if k not in allowed]
         if bad:
             raise SearchConfigError(f"search.{key}.{bad[0]}: unknown key (allowed: {', '.join(allowed)})")
+        try:  # the modes every searched point gets: checked by the fixed-config parser itself
+            nf.LayerFixedConfig.from_dict({"weight": {key: {"bit_width": 8, **modes}}})
+        except nf.ConfigError as err:
+            field = err.key_path.rsplit(".", 1)[-1]
+            raise SearchConfigError(f"search.{key}.{field}: {err.reason}") from None
         opts[key] = modes
     opts["exclude"] = list(opts["exclude"] or [])
+    for key, kind, minimum, nullable in (
+            ("seed", "int", None, True), ("n_startup_trials", "int", 0, False), ("population_size", "int", 2, False),
+            ("pruner_startup_trials", "int", 0, False), ("pruner_warmup_epochs", "int", 0, False),
+            ("heartbeat_interval", "int", 1, True), ("accuracy_delta", "number", 0, False),
+            ("prune_slack", "number", 0, False), ("reference_accuracy", "number", 0, True),
+            ("budget", "number", 0, True), ("float_reference", "bool", None, False),
+            ("share_by_type", "bool", None, False), ("reuse_duplicates", "bool", None, False)):
+        check_value(opts[key], f"search.{key}", kind, minimum, nullable=nullable, error=SearchConfigError)
     ref = opts["hypervolume_reference"]
-    if not isinstance(ref, Sequence) or len(ref) != 2:
+    if (not isinstance(ref, Sequence) or isinstance(ref, str) or len(ref) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ref)):
         raise SearchConfigError(f"search.hypervolume_reference: expected [accuracy, avg_weight_bits], got {ref!r}")
     opts["pin"] = dict(opts["pin"] or {})
     return opts
@@ -702,6 +718,7 @@ class _Search:
         self.experiment_id = experiment_id
         self.choices = choices
         self.target = target
+        self.input_error: Exception | None = None  # set by the first trial that fails on bad input
         self.output_dir = output_dir
         self.client = MlflowClient()
         self.started = time.time()
@@ -756,6 +773,7 @@ class _Search:
                                            {f"bits.{k}": ("float" if v is None else v) for k, v in bits.items()}, {})
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            self.stop_on_input_error(trial, err)
             raise
         for key, value in cost.items():
             trial.set_user_attr(key, value)
@@ -807,6 +825,7 @@ class _Search:
                 run_id = self.standalone_child(trial, "FAILED", {"error": f"{type(err).__name__}: {err}"[:5000]},
                                                {}, cost)
             trial.set_user_attr("mlflow_run_id", run_id)
+            self.stop_on_input_error(trial, err)
             raise
         accuracy = float(results.get("val_accuracy", results["test_accuracy"]))
         trial.set_user_attr("mlflow_run_id", results["run_id"])
@@ -815,6 +834,15 @@ class _Search:
         if self.opts["objective"] == "min_cost":
             trial.set_constraint("accuracy", float(self.target) - accuracy)
         return self.values(accuracy, cost_value)
+
+    def stop_on_input_error(self, trial, err: Exception) -> None:
+        """A bad config or input fails every trial alike: stop after the first, and fail the search."""
+        from experiments.cli import user_error_types
+
+        if isinstance(err, user_error_types() + (SearchConfigError,)) and self.input_error is None:
+            self.input_error = err
+            trial.study.stop()
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # the error is the message, not a traceback
 
     def values(self, accuracy: float, cost_value: float):
         if self.opts["objective"] == "pareto":
@@ -1189,6 +1217,7 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
                            catch=(Exception,), callbacks=[search.progress])
         except KeyboardInterrupt as err:
             interrupted = True
+            interrupt_handled()
             _fail_own_trials(study, f"interrupted ({err or 'KeyboardInterrupt'})")
             MlflowClient().set_tag(run_id, "error", f"KeyboardInterrupt: {err or 'interrupted'}")
             print("interrupted: exporting what is done", flush=True)
@@ -1213,6 +1242,8 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
     print(format_summary(study, opts, summary), flush=True)
     print(f"Pareto CSV and fixed configs: {output_dir}/pareto.csv, {output_dir}/pareto/ "
           f"(MLflow run {run_id}, artifacts pareto.csv and pareto/)", flush=True)
+    if search.input_error is not None:  # the search fails; what it recorded and exported stays
+        raise search.input_error
     summary.update({"parent_run_id": run_id, "storage": safe_url(storage_url), "output_dir": str(output_dir),
                     "interrupted": interrupted})
     return summary

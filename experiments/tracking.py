@@ -241,6 +241,8 @@ def _probe(uri: str) -> None:
             requests.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT)
         except requests.RequestException as err:
             raise _tracking_error(uri, f"no tracking server answers there ({type(err).__name__}: {err})") from None
+    elif uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        _probe_sqlite_file(uri, Path(uri[len("sqlite:///"):]))
     elif scheme in ("postgresql", "mysql", "mssql"):
         import sqlalchemy
 
@@ -254,6 +256,22 @@ def _probe(uri: str) -> None:
         except Exception as err:  # noqa: BLE001 - driver missing, bad URL, refused, auth: all one answer
             raise _tracking_error(uri, f"cannot connect to the database ({type(err).__name__}: "
                                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+
+
+def _probe_sqlite_file(uri: str, path: Path) -> None:
+    """A SQLite store must be a database file (or not exist yet) in a folder this process can write."""
+    if path.is_dir():
+        raise _tracking_error(uri, f"{path} is a folder, not a database file (e.g. sqlite:///{path}/mlflow.db)")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            if handle.read(16) != b"SQLite format 3\x00":
+                raise _tracking_error(uri, f"{path} exists and is not a SQLite database")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a"):
+            pass
+    except OSError as err:
+        raise _tracking_error(uri, f"cannot write in {path.parent} ({type(err).__name__}: {err.strerror})") from None
 
 
 def _connect_timeout_args(scheme: str) -> dict:
@@ -272,6 +290,9 @@ def setup(tracking_uri: str, experiment_name: str) -> None:
     An unusable ``tracking_uri`` (unknown scheme, nobody listening, a database
     that refuses the connection) raises :class:`TrackingError` within seconds.
     """
+    if not isinstance(experiment_name, str) or not experiment_name.strip():
+        raise TrackingError(f"mlflow.experiment_name must be a non-empty name, got {experiment_name!r} "
+                            "(fix it in conf/mlflow/ or on the command line: mlflow.experiment_name=...)")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()

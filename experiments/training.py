@@ -27,6 +27,7 @@ import nics_fix as nf
 from experiments import checkpoint, tracking
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
+from experiments.validate import check_mapping, check_value
 
 
 class TrainConfigError(ValueError):
@@ -69,6 +70,10 @@ def training_dataset(x, y, batch_size: int, seed: int, first_epoch: int = 0) -> 
     return _fixed_pipeline(ds.map(lambda index: (tf.gather(x, index), tf.gather(y, index))))
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "step")
+
+
 def make_optimizer(trainer: Mapping, steps_per_epoch: int):
     opt = dict(trainer.get("optimizer") or {})
     name = str(opt.get("name", "adam")).lower()
@@ -102,16 +107,32 @@ def make_optimizer(trainer: Mapping, steps_per_epoch: int):
 
 
 def check_trainer(trainer: Mapping) -> None:
-    """The trainer's integer settings, checked before they are used (a typo is a clear error)."""
-    for key, minimum in (("epochs", 1), ("batch_size", 1), ("seed", None), ("verbose", 0),
-                         ("heartbeat_interval", 1)):
-        value = trainer.get(key)
-        if value is None and key != "epochs":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
-            what = "an integer" if minimum is None else f"an integer >= {minimum}"
-            raise TrainConfigError(f"trainer.{key} must be {what}, got {value!r} "
-                                   f"(fix it in conf/trainer/ or on the command line: trainer.{key}=...)")
+    """The trainer's plain settings, checked before any is used (a typo is a clear error, not a traceback)."""
+    where = " (fix it in conf/trainer/ or on the command line)"
+
+    def check(mapping, prefix, key, kind, minimum=None, maximum=None, nullable=False, required=False):
+        if key in mapping or required:
+            check_value(mapping.get(key), f"{prefix}{key}", kind, minimum, maximum, nullable,
+                        TrainConfigError, where)
+
+    check(trainer, "trainer.", "epochs", "int", 1, required=True)
+    for key, minimum in (("seed", None), ("batch_size", 1), ("verbose", 0)):
+        check(trainer, "trainer.", key, "int", minimum)
+    check(trainer, "trainer.", "heartbeat_interval", "int", 1, nullable=True)
+    for key in ("jit_compile", "deterministic", "checkpoint", "save_model", "save_fixed_weight"):
+        check(trainer, "trainer.", key, "bool")
+    optimizer = check_mapping(trainer.get("optimizer"), "trainer.optimizer", TrainConfigError, where)
+    check(optimizer, "trainer.optimizer.", "learning_rate", "number", 0)
+    check(optimizer, "trainer.optimizer.", "momentum", "number", 0, 1, nullable=True)
+    check(optimizer, "trainer.optimizer.", "weight_decay", "number", 0, nullable=True)
+    schedule = check_mapping(trainer.get("lr_schedule"), "trainer.lr_schedule", TrainConfigError, where)
+    check(schedule, "trainer.lr_schedule.", "step_epochs", "int", 1)
+    check(schedule, "trainer.lr_schedule.", "gamma", "number", 0)
+    for mapping, key, names in ((optimizer, "trainer.optimizer.name", OPTIMIZERS),
+                                (schedule, "trainer.lr_schedule.name", SCHEDULES)):
+        name = str(mapping.get("name", names[0])).lower()
+        if name not in names:
+            raise TrainConfigError(f"{key} must be one of {', '.join(names)}, got {name!r}{where}")
 
 
 def _source(group: str, choices: Mapping) -> str:
@@ -207,7 +228,7 @@ def _callbacks(model, run_id, folder):
     """Epoch-end order matters: counters add to the logs, the checkpoint (with
     those logs) is written, and only then are they sent to MLflow; so an epoch
     is recorded once whatever instant a SIGKILL hits (see _log_unrecorded_epoch)."""
-    callbacks = [nf.UpdateCountersCallback()] if _has_storage_configs(model) else []
+    callbacks = [StopOnSigterm()] + ([nf.UpdateCountersCallback()] if _has_storage_configs(model) else [])
     if folder is not None:
         callbacks.append(checkpoint.CheckpointCallback(folder, run_id))
     return callbacks + [tracking.MlflowEpochLogger(run_id)]
@@ -252,6 +273,7 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     resume_folder, resume_run = _find_resume(trainer.get("resume"), mlcfg.get("experiment_name", "nics_fix"))
     tags = {**tracking.base_tags("train"), **checkpoint.process_tags(), **(run_tags or {})}
     if resume_run:
+        resume_status = mlflow.MlflowClient().get_run(resume_run).info.status
         run = mlflow.start_run(run_id=resume_run, nested=nested)
         mlflow.set_tags({**checkpoint.process_tags(), "nics_fix.resumed": "true"})
     else:
@@ -269,6 +291,10 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
                 results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
                                         resumed=bool(resume_run))
     except BaseException as err:
+        if isinstance(err, checkpoint.ResumeError):  # the checkpoint does not fit: the run stays as it was
+            mlflow.set_tag("nics_fix.resume_error", str(err)[:5000])
+            mlflow.end_run("KILLED" if resume_status == "RUNNING" else resume_status)
+            raise
         interrupted = isinstance(err, KeyboardInterrupt)
         mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
         mlflow.end_run("KILLED" if interrupted else "FAILED")
@@ -301,11 +327,19 @@ def _sigterm_as_interrupt():
     The interrupt is raised at once, unless the main thread is inside an MLflow/Optuna
     store call: then it is raised once that call has returned (re-checked every 50 ms,
     for at most ``_DEFER_S`` seconds), or at the end of the block.
+
+    An interrupt raised while TensorFlow runs Python code from C++ can be swallowed
+    there; so a delivered SIGTERM is remembered, :class:`StopOnSigterm` raises it again
+    at the next batch, and a block that still ends normally raises it at its end.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[float] = []  # when the first deferred signal came
+    outermost = not _SIGTERM_DEPTH
+    if outermost:
+        _SIGTERM_DELIVERED.clear()
+    _SIGTERM_DEPTH.append(1)
 
     def resend(signum):
         if signal.getsignal(signal.SIGTERM) is handler:
@@ -317,6 +351,7 @@ def _sigterm_as_interrupt():
             threading.Timer(0.05, resend, (signum,)).start()
             return
         pending.clear()  # delivered
+        _SIGTERM_DELIVERED.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -324,8 +359,28 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if pending:
+        _SIGTERM_DEPTH.pop()
+    if pending or _SIGTERM_DELIVERED:
         raise KeyboardInterrupt(f"signal {signal.SIGTERM.value}")
+
+
+_SIGTERM_DEPTH: list[int] = []  # nesting of _sigterm_as_interrupt blocks (search > trial)
+_SIGTERM_DELIVERED: list[int] = []  # signals raised as KeyboardInterrupt in the outermost block
+
+
+def interrupt_handled() -> None:
+    """Call where a KeyboardInterrupt from SIGTERM is caught on purpose (the search's wind-down)."""
+    _SIGTERM_DELIVERED.clear()
+
+
+class StopOnSigterm(keras.callbacks.Callback):
+    """Raises a delivered SIGTERM again if ``fit`` is still running (the first raise was swallowed)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if _SIGTERM_DELIVERED:
+            raise KeyboardInterrupt(f"signal {_SIGTERM_DELIVERED[0]}")
+
+    on_test_batch_end = on_train_batch_end
 
 
 def _find_resume(resume, experiment_name: str):
@@ -348,6 +403,14 @@ def _find_resume(resume, experiment_name: str):
             f"trainer.resume=true: experiment {experiment_name!r} has no interrupted run with a checkpoint")
     if Path(str(resume)).is_dir():
         state = checkpoint.read_state(Path(str(resume)))
+        try:
+            finished = client.get_run(state["run_id"]).info.status == "FINISHED"
+        except mlflow.exceptions.MlflowException:
+            raise checkpoint.ResumeError(f"trainer.resume={resume}: its run {state['run_id']} is not in "
+                                         f"{mlflow.get_tracking_uri()} (set mlflow.tracking_uri to its store)") from None
+        if finished:
+            raise checkpoint.ResumeError(f"trainer.resume={resume}: its run {state['run_id']} is FINISHED, "
+                                         "nothing to resume (start a new run to train further)")
         return Path(str(resume)), state["run_id"]
     try:
         run = client.get_run(str(resume))
@@ -355,6 +418,9 @@ def _find_resume(resume, experiment_name: str):
         raise checkpoint.ResumeError(
             f"trainer.resume={resume}: neither a checkpoint folder nor a run id of {mlflow.get_tracking_uri()}"
         ) from None
+    if run.info.status == "FINISHED":
+        raise checkpoint.ResumeError(f"trainer.resume={resume}: the run is FINISHED, nothing to resume "
+                                     "(start a new run to train further)")
     folder = run.data.tags.get("nics_fix.checkpoint_dir")
     if not folder:
         raise checkpoint.ResumeError(f"trainer.resume={resume}: the run recorded no checkpoint folder")

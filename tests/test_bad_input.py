@@ -157,6 +157,34 @@ def test_bad_overrides_of_fixed_strategy_trainer_model_and_search(tmp_path, stor
     one_error(*main("experiments.train", "data.name=imagenet"), "imagenet")
     one_error(*main("experiments.search", "search.widths=[0,4]"), "search.widths", "1 to 32")
     one_error(*main("experiments.search", "search.objective=fastest"), "search.objective", "pareto")
+    # Every plain trainer and search value is type- and range-checked before anything runs.
+    for override, needle in (
+            ("trainer.seed=null", "trainer.seed must be an integer, got None"),
+            ("trainer.optimizer.momentum=abc", "trainer.optimizer.momentum must be a number from 0 to 1 or null"),
+            ("trainer.optimizer.momentum=-5", "got -5"),
+            ("trainer.optimizer.weight_decay=abc", "trainer.optimizer.weight_decay must be a number >= 0"),
+            ("trainer.optimizer.learning_rate=1e400", "trainer.optimizer.learning_rate must be a number >= 0, got inf"),
+            ("trainer.optimizer=adam", "trainer.optimizer must be a mapping"),
+            ("trainer.lr_schedule.step_epochs=0", "trainer.lr_schedule.step_epochs must be an integer >= 1, got 0"),
+            ("trainer.lr_schedule.gamma=abc", "trainer.lr_schedule.gamma must be a number"),
+            ("trainer.lr_schedule.name=exp", "trainer.lr_schedule.name must be one of constant, cosine, step"),
+            ("trainer.jit_compile=maybe", "trainer.jit_compile must be true or false, got 'maybe'"),
+            ("trainer.heartbeat_interval=0", "trainer.heartbeat_interval must be an integer >= 1 or null"),
+            ("trainer.epochs=${nope}", "Interpolation key 'nope' not found"),
+            ("mlflow.experiment_name=null", "mlflow.experiment_name must be a non-empty name, got None"),
+            ("mlflow.experiment_name=''", "mlflow.experiment_name must be a non-empty name, got ''")):
+        one_error(*main("experiments.train", override), needle)
+    for override, needle in (
+            ("search.seed=abc", "search.seed must be an integer or null, got 'abc'"),
+            ("search.n_startup_trials=abc", "search.n_startup_trials must be an integer >= 0"),
+            ("search.population_size=-1", "search.population_size must be an integer >= 2, got -1"),
+            ("search.heartbeat_interval=abc", "search.heartbeat_interval must be an integer >= 1 or null"),
+            ("search.hypervolume_reference=[a,b]", "search.hypervolume_reference: expected [accuracy"),
+            ("search.share_by_type=abc", "search.share_by_type must be true or false"),
+            ("search.accuracy_delta=abc", "search.accuracy_delta must be a number >= 0"),
+            ("search.data_config={training:autoo}", "search.data_config.training: mode must be one of"),
+            ("search.gradient_config={training:sometimes}", "search.gradient_config.training: mode must be one of")):
+        one_error(*main("experiments.search", override), needle)
 
     # Unknown groups, options and keys: Hydra's own one message, exit 1.
     hydra_error(*main("experiments.train", "fixed=nonexistent"), "Could not find 'fixed/nonexistent'",
@@ -272,6 +300,49 @@ def test_bad_tracking_uris_fail_fast(tmp_path, capsys):
                                 "for k in ('MAX_RETRIES', 'BACKOFF_FACTOR', 'TIMEOUT')))")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
     assert shown.stdout.split() == ["3", "1", "30"]
+
+
+def test_sqlite_tracking_uris_that_cannot_be_a_store(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a database")
+    for uri, needle in ((f"sqlite:///{tmp_path}", f"{tmp_path} is a folder, not a database file"),
+                        (f"sqlite:///{tmp_path}/notes.txt", f"{tmp_path}/notes.txt exists and is not a SQLite database"),
+                        ("sqlite:////proc/nics_fix/mlflow.db", "cannot write in /proc/nics_fix")):
+        start = time.time()
+        code, err = run_main("experiments.train", *CHEAP, f"mlflow.tracking_uri={uri}", tmp_path=tmp_path,
+                             capsys=capsys)
+        one_error(code, err, f"mlflow.tracking_uri={uri}: {needle}")
+        assert time.time() - start < 15  # a folder made MLflow retry for ~110 s before
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_search_stops_at_the_first_trial_that_fails_on_bad_input(tmp_path, store, capsys):
+    """Input found bad only when a trial runs fails every trial alike: the first one stops the search."""
+    code, err = run_main("experiments.search", *CHEAP, f"mlflow.tracking_uri={store}", "search.n_trials=3",
+                         "search.float_reference=false", "search.storage=sqlite:///" + str(tmp_path / "o.db"),
+                         "trainer.optimizer.name=nadam", tmp_path=tmp_path, capsys=capsys)
+    assert code == 2 and "trainer.optimizer.name must be one of" in err  # caught before any trial
+    monkey = pytest.MonkeyPatch()
+    from experiments import searching
+
+    def bad_input(*args, **kwargs):
+        raise searching.SearchConfigError("search.pin.dense9: no such layer (a stand-in for input a trial finds bad)")
+
+    monkey.setattr(searching, "run_training", bad_input)
+    try:
+        code, err = run_main("experiments.search", *CHEAP, f"mlflow.tracking_uri={store}", "search.n_trials=3",
+                             "search.float_reference=false", "search.storage=sqlite:///" + str(tmp_path / "o.db"),
+                             tmp_path=tmp_path, capsys=capsys)
+    finally:
+        monkey.undo()
+    one_error(code, err, "search.pin.dense9: no such layer")
+    import optuna
+
+    study = optuna.load_study(study_name=optuna.get_all_study_names(f"sqlite:///{tmp_path / 'o.db'}")[0],
+                              storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # not 3 failed trials and exit 0
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("nics_fix").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the trial and the search, nothing RUNNING
 
 
 def test_bad_optuna_storage_urls(tmp_path, store, capsys):

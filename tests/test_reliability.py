@@ -234,6 +234,61 @@ def test_a_run_left_running_on_another_host_is_resumable_once_its_heartbeat_stop
         mlflow.set_tracking_uri(None)
 
 
+def test_finished_runs_are_not_resumed_and_a_mismatched_checkpoint_leaves_the_run_as_it_was(tmp_path,
+                                                                                              mlflow_template):
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from experiments.checkpoint import ResumeError
+    from experiments.training import run_training
+    from tests.test_platform import compose_train
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = ["trainer.epochs=1", "trainer.save_model=false"]
+    done = run_training(compose_train(overrides, store, "resume"), output_dir=tmp_path / "done", choices={})
+    client = MlflowClient(store)
+    for target in (done["run_id"], str(tmp_path / "done" / "checkpoint")):
+        with pytest.raises(ResumeError, match="FINISHED, nothing to resume"):
+            run_training(compose_train(overrides + [f"trainer.resume={target}"], store, "resume"), choices={})
+    assert client.get_run(done["run_id"]).info.status == "FINISHED"  # untouched
+
+    client.set_terminated(done["run_id"], "KILLED")  # as if interrupted: resumable, but not with another model
+    with pytest.raises(ResumeError, match=r"the checkpoint's dense1/kernel has shape \(64, 8\), the model's "
+                                          r"\(64, 16\): resume with the config the run started with"):
+        run_training(compose_train(overrides + ["model.hidden_units=[16]", f"trainer.resume={done['run_id']}"],
+                                   store, "resume"), choices={})
+    run = client.get_run(done["run_id"])
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+    assert "shape" in run.data.tags["nics_fix.resume_error"]
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_swallowed_sigterm_is_raised_again():
+    """TensorFlow can swallow a KeyboardInterrupt raised while it runs Python from C++."""
+    from experiments.training import StopOnSigterm, _sigterm_as_interrupt
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.zeros((64, 2), np.float32)
+    seen = []
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        with _sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                seen.append("swallowed")  # what TF's C++ did with it
+            with pytest.raises(KeyboardInterrupt, match="signal 15"):
+                model.fit(x, x[:, :1], batch_size=8, epochs=5, verbose=0, callbacks=[StopOnSigterm()])
+            seen.append("fit stopped")  # and, swallowed once more, the block raises it at its end
+    assert seen == ["swallowed", "fit stopped"]
+    with _sigterm_as_interrupt():  # a new job starts clean
+        model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0, callbacks=[StopOnSigterm()])
+
+
 def test_resume_errors_are_clear(tmp_path):
     from experiments.checkpoint import ResumeError
     from experiments.training import _find_resume
