@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import keras
 import mlflow
 import optuna
 import pytest
@@ -239,9 +240,13 @@ def test_search_records_study_runs_pareto_and_resumes(store, tmp_path):
 def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(store, tmp_path, monkeypatch):
     real = searching.run_training
 
+    class Blowup(keras.callbacks.Callback):  # a failure of the trial itself, not of the input
+        def on_train_begin(self, logs=None):
+            raise RuntimeError("bogus: simulated blow-up")
+
     def flaky(cfg, **kwargs):
         if kwargs["run_tags"]["optuna.trial_number"] == "0":
-            cfg = dict(cfg, trainer=dict(cfg["trainer"], optimizer={"name": "bogus"}))
+            kwargs["callbacks"] = list(kwargs["callbacks"]) + [Blowup()]
         return real(cfg, **kwargs)
 
     monkeypatch.setattr(searching, "run_training", flaky)
@@ -252,7 +257,7 @@ def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(store, tmp_path
     assert "bogus" in study.trials[0].user_attrs["error"]
     children = {r.data.tags["optuna.trial_number"]: r for r in runs(store, "trial")}
     assert children["0"].info.status == "FAILED" and children["0"].data.tags["optuna.state"] == "FAIL"
-    assert "TrainConfigError" in children["0"].data.tags["error"]
+    assert "RuntimeError: bogus" in children["0"].data.tags["error"]
     assert children["1"].info.status == "FINISHED" and children["1"].data.tags["optuna.state"] == "COMPLETE"
     assert runs(store, "search")[0].info.status == "FINISHED"
     assert summary["states"] == {"FAIL": 1, "COMPLETE": 1}
