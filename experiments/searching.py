@@ -1137,8 +1137,10 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
         with _sigterm_as_interrupt():
             study = open_study(opts, study_name, storage_url, on_stale_trial=_stale_trial_callback(experiment_name))
             check_compatible(study, space)
-            # Offset by the stored trials, so a resumed search does not replay its first samples.
-            seed = None if opts["seed"] is None else int(opts["seed"]) + len(study.trials)
+            # Offset by the stored trials, so a resumed search does not replay its first samples; spread
+            # by a large prime, so workers with seeds i and i+1 never land on one seed (seed + n did, when
+            # the second started one trial later).
+            seed = None if opts["seed"] is None else int(opts["seed"]) * 1_000_003 + len(study.trials)
             study.sampler = make_sampler(opts, seed)
 
             tracking.setup(mlcfg.get("tracking_uri"), experiment_name)
