@@ -31,8 +31,17 @@ def _load_train_config(folder: Path) -> dict:
     if not path.is_file():
         raise nf.FixedModelError(f"{folder}: no train_config.yaml; is this a fixed_model folder "
                                  "written by experiments.train?")
-    with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            cfg = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise nf.FixedModelError(f"{path}: not a readable YAML train config ({' '.join(str(err).split())})") from None
+    sections = cfg if isinstance(cfg, dict) else {}
+    missing = [k for k in ("trainer", "data", "model") if not isinstance(sections.get(k), dict)]
+    if missing:
+        raise nf.FixedModelError(f"{path}: expected the train job's config (a mapping with trainer, data and "
+                                 f"model sections), missing or not a mapping: {', '.join(missing)}")
+    return cfg
 
 
 def restore(folder: Path):

@@ -267,6 +267,23 @@ def test_bad_saved_model_paths_and_run_ids(tmp_path, store, capsys):
     one_error(*evaluate(f"run_id={bare}"), f"run_id={bare}", "cannot read the run's fixed_model artifact")
     one_error(*evaluate(), "give exactly one of run_id=")
     one_error(*evaluate("run_id=abc", "model_path=/x"), "give exactly one of run_id=")
+    one_error(*evaluate("run_id=12345"), "run_id=12345", "not found")  # Hydra hands over an int
+
+    import keras
+
+    import nics_fix as nf
+
+    saved = tmp_path / "fixed_model"
+    with nf.fixed_scope("saved"):
+        model = keras.Sequential([keras.Input((4,)), nf.Dense(2, name="dense1")])
+    nf.fixed_model_saver(model).save(saved)
+    for text, needle in ((b"- a\n- b\n", "missing or not a mapping: trainer, data, model"),
+                         (b"trainer: {}\n", "missing or not a mapping: data, model"),
+                         (b"a: [\n", "not a readable YAML train config"),
+                         (b"x: !!python/object/apply:os.system ['true']\n", "not a readable YAML train config"),
+                         (b"\xff\xfe", "'utf-8' codec can't decode")):
+        (saved / "train_config.yaml").write_bytes(text)
+        one_error(*evaluate(f"model_path={saved}"), f"{saved}/train_config.yaml", needle)
 
 
 # --------------------------------------------------------------------------- MLflow and Optuna URIs
