@@ -30,6 +30,8 @@ import keras
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from experiments import tracking
+
 STATE_JSON = "state.json"
 
 
@@ -37,8 +39,10 @@ class ResumeError(ValueError):
     """Nothing to resume from where the user pointed."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a name private to this process, then rename: readers, and other
+    processes writing the same file, never see (or leave) half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
@@ -56,10 +60,10 @@ def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str, logs=None
             np.savez(handle, **arrays)
 
     arrays_name = f"state-{int(next_epoch)}.npz"
-    _atomic_write(folder / arrays_name, write_arrays)
+    atomic_write(folder / arrays_name, write_arrays)
     state = {"next_epoch": int(next_epoch), "arrays": arrays_name, "run_id": run_id,
              "logs": {str(k): float(v) for k, v in (logs or {}).items()}}
-    _atomic_write(folder / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(state)))
+    atomic_write(folder / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(state)))
     for old in folder.glob("state-*.npz"):
         if old.name != arrays_name:
             old.unlink(missing_ok=True)
@@ -144,8 +148,7 @@ def heartbeat(run_id: str, interval: float | None):
         yield
         return
     client = MlflowClient()  # the tracking URI of the caller, fixed now
-    client.set_tag(run_id, HEARTBEAT_INTERVAL, str(interval))
-    client.set_tag(run_id, HEARTBEAT, str(time.time()))
+    tracking.log_batch(run_id, tags={HEARTBEAT_INTERVAL: interval, HEARTBEAT: time.time()})
     stop = threading.Event()
 
     def beat():

@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 import nics_fix as nf
 from experiments import tracking
 from experiments.data import load_dataset
-from experiments.training import build, compile_model, evaluate, seed_everything
+from experiments.training import build, check_trainer, compile_model, evaluate, seed_everything
 
 
 class EvalInputError(ValueError):
@@ -49,6 +49,7 @@ def restore(folder: Path):
     nf.saving.read_manifest(folder)  # clear error if the folder is not a saved model
     train_cfg = _load_train_config(folder)
     trainer = train_cfg["trainer"]
+    check_trainer(trainer)
     seed_everything(trainer.get("seed", 0), trainer)
     data_cfg = dict(train_cfg["data"])
     data_cfg.setdefault("seed", trainer.get("seed", 0))

@@ -974,14 +974,6 @@ def _trial_row(trial, metric: str, cost_key: str) -> dict:
     return row
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write to a private temporary name, then rename: workers sharing an output folder never
-    see (or leave) half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for row in rows:
@@ -993,7 +985,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic_write(path, write)
+    checkpoint.atomic_write(path, write)
 
 
 def _yaml_text(trial, study_name: str, metric: str, cost_key: str) -> str:
@@ -1060,7 +1052,7 @@ def export(study: optuna.Study, opts: Mapping, summary: Mapping, output_dir: Pat
     _write_csv(output_dir / "pareto.csv", rows)
     for n in summary["pareto"]:
         text = _yaml_text(by_number[n], study.study_name, metric, cost_key)
-        _atomic_write(pareto_dir / f"trial_{n}.yaml", lambda tmp, text=text: tmp.write_text(text))
+        checkpoint.atomic_write(pareto_dir / f"trial_{n}.yaml", lambda tmp, text=text: tmp.write_text(text))
     _write_csv(output_dir / "trials.csv", [_trial_row(t, metric, cost_key) for t in by_number.values()])
     return {"pareto_csv": output_dir / "pareto.csv", "pareto_dir": pareto_dir,
             "trials_csv": output_dir / "trials.csv"}

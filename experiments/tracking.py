@@ -154,10 +154,9 @@ def log_batch(run_id: str, metrics=None, params=None, tags=None, step: int = 0) 
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs every epoch's Keras logs and every point's scales to an MLflow run."""
 
-    def __init__(self, run_id: str, first_epoch: int = 0):
+    def __init__(self, run_id: str):
         super().__init__()
         self.run_id = run_id
-        self.first_epoch = first_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = epoch_metrics(logs)
@@ -296,25 +295,26 @@ def setup(tracking_uri: str, experiment_name: str) -> None:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
-    _probe(uri)
     try:
-        if not uri.startswith("sqlite:///"):
-            # Parallel workers on a fresh PostgreSQL database would race to create MLflow's tables.
-            with store_lock(uri):
-                mlflow.set_experiment(experiment_name)
+        if (uri, experiment_name) in _READY:  # a search's trials: probed and created once per process
+            mlflow.set_experiment(experiment_name)
             return
-        database = Path(uri[len("sqlite:///"):]).resolve()
-        database.parent.mkdir(parents=True, exist_ok=True)
-        # Parallel jobs (joblib launcher, search workers) would otherwise race to
-        # create MLflow's tables in a new database ("duplicate column name").
+        _probe(uri)
+        # Parallel jobs (joblib launcher, search workers) on a new database would otherwise
+        # race to create MLflow's tables ("duplicate column name") and the experiment.
         with store_lock(uri):
-            if mlflow.get_experiment_by_name(experiment_name) is None:
+            if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment_name) is None:
+                database = Path(uri[len("sqlite:///"):]).resolve()
                 location = (database.parent / "mlartifacts" / experiment_name).as_uri()
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
                     mlflow.create_experiment(experiment_name, artifact_location=location)
             mlflow.set_experiment(experiment_name)
+        _READY.add((uri, experiment_name))
     except mlflow.exceptions.MlflowException as err:
         raise _tracking_error(uri, err.message.strip()) from None
+
+
+_READY: set[tuple[str, str]] = set()  # (tracking URI, experiment) set up by this process
 
 
 @contextlib.contextmanager

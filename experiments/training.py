@@ -25,6 +25,7 @@ import yaml
 
 import nics_fix as nf
 from experiments import checkpoint, tracking
+from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
 from experiments.validate import check_mapping, check_value
@@ -75,45 +76,39 @@ SCHEDULES = ("constant", "cosine", "step")
 
 
 def make_optimizer(trainer: Mapping, steps_per_epoch: int):
+    """The Keras optimizer and learning-rate schedule of a trainer config (checked by :func:`check_trainer`)."""
     opt = dict(trainer.get("optimizer") or {})
-    name = str(opt.get("name", "adam")).lower()
-    lr = opt.get("learning_rate", 1e-3)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise TrainConfigError(f"trainer.optimizer.learning_rate must be a positive number, got {lr!r}")
+    lr = float(opt.get("learning_rate", 1e-3))
     schedule = dict(trainer.get("lr_schedule") or {})
     kind = str(schedule.get("name", "constant")).lower()
     epochs = int(trainer.get("epochs", 1))
     if kind == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(float(lr), decay_steps=max(1, epochs * steps_per_epoch))
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
     elif kind == "step":
         every = int(schedule.get("step_epochs", 10)) * steps_per_epoch
         gamma = float(schedule.get("gamma", 0.1))
         boundaries = list(range(every, epochs * steps_per_epoch, every))
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries, [float(lr) * gamma ** i for i in range(len(boundaries) + 1)])
-    elif kind != "constant":
-        raise TrainConfigError(
-            f"trainer.lr_schedule.name must be constant, cosine or step, got {kind!r}")
+            boundaries, [lr * gamma ** i for i in range(len(boundaries) + 1)])
     wd = opt.get("weight_decay")
-    if name == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
+    name = str(opt.get("name", "adam")).lower()
     if name == "adamw":
         return keras.optimizers.AdamW(lr, weight_decay=wd if wd is not None else 0.004)
     if name == "sgd":
         return keras.optimizers.SGD(lr, momentum=float(opt.get("momentum", 0.0) or 0.0), weight_decay=wd)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(lr, weight_decay=wd)
-    raise TrainConfigError(f"trainer.optimizer.name must be adam, adamw, sgd or rmsprop, got {name!r}")
+    optimizer = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[name]
+    return optimizer(lr, weight_decay=wd)
 
 
 def check_trainer(trainer: Mapping) -> None:
     """The trainer's plain settings, checked before any is used (a typo is a clear error, not a traceback)."""
     where = " (fix it in conf/trainer/ or on the command line)"
 
-    def check(mapping, prefix, key, kind, minimum=None, maximum=None, nullable=False, required=False):
+    def check(mapping, prefix, key, kind, minimum=None, maximum=None, nullable=False, required=False,
+              above=False):
         if key in mapping or required:
             check_value(mapping.get(key), f"{prefix}{key}", kind, minimum, maximum, nullable,
-                        TrainConfigError, where)
+                        TrainConfigError, where, above)
 
     check(trainer, "trainer.", "epochs", "int", 1, required=True)
     for key, minimum in (("seed", None), ("batch_size", 1), ("verbose", 0)):
@@ -122,7 +117,7 @@ def check_trainer(trainer: Mapping) -> None:
     for key in ("jit_compile", "deterministic", "checkpoint", "save_model", "save_fixed_weight"):
         check(trainer, "trainer.", key, "bool")
     optimizer = check_mapping(trainer.get("optimizer"), "trainer.optimizer", TrainConfigError, where)
-    check(optimizer, "trainer.optimizer.", "learning_rate", "number", 0)
+    check(optimizer, "trainer.optimizer.", "learning_rate", "number", 0, above=True)
     check(optimizer, "trainer.optimizer.", "momentum", "number", 0, 1, nullable=True)
     check(optimizer, "trainer.optimizer.", "weight_decay", "number", 0, nullable=True)
     schedule = check_mapping(trainer.get("lr_schedule"), "trainer.lr_schedule", TrainConfigError, where)
@@ -152,14 +147,11 @@ def _config_file(group: str, choice: str) -> str:
         for source in HydraConfig.get().runtime.config_sources:
             path = Path(str(source.path)) / group / f"{choice}.yaml"
             if source.schema == "file" and path.is_file():
-                inside = path.resolve().is_relative_to(_CONF)
+                inside = path.resolve().is_relative_to(CONF_DIR)
                 return f"conf/{group}/{choice}.yaml" if inside else str(path)
     except (ImportError, ValueError, AttributeError):  # not under Hydra
         pass
     return f"conf/{group}/{choice}.yaml"
-
-
-_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _hydra_overrides() -> list[str]:
@@ -465,8 +457,9 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         _log_unrecorded_epoch(run_id, folder, model)
     train_ds = training_dataset(data.x_train, data.y_train, batch_size, int(trainer.get("seed", 0)), initial_epoch)
     val_ds = make_dataset(data.x_val, data.y_val, batch_size) if len(data.x_val) else None
-    history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)), steps_per_epoch=steps, shuffle=False,
-                        initial_epoch=initial_epoch, verbose=int(trainer.get("verbose", 2)),
+    history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)),
+                        steps_per_epoch=steps, shuffle=False, initial_epoch=initial_epoch,
+                        verbose=int(trainer.get("verbose", 2)),
                         callbacks=_callbacks(model, run_id, folder) + list(extra_callbacks))
     test_loss, test_accuracy = evaluate(model, data, batch_size)
     results = {"test_loss": test_loss, "test_accuracy": test_accuracy}

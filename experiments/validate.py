@@ -9,8 +9,9 @@ _KINDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
 
 
 def check_value(value, key: str, kind: str, minimum=None, maximum=None, nullable: bool = False,
-                error: type[Exception] = ValueError, where: str = ""):
-    """Return ``value`` if it is of ``kind`` (int, number, bool) within ``[minimum, maximum]``.
+                error: type[Exception] = ValueError, where: str = "", above: bool = False):
+    """Return ``value`` if it is of ``kind`` (int, number, bool) within ``[minimum, maximum]``
+    (``(minimum, maximum]`` with ``above``).
 
     Otherwise raise ``error`` naming ``key``, what was expected and what was
     given; ``where`` says where to fix it. YAML's ``true`` is never a number, nor are NaN and Inf.
@@ -22,14 +23,15 @@ def check_value(value, key: str, kind: str, minimum=None, maximum=None, nullable
           "number": isinstance(value, (int, float)) and not is_bool and math.isfinite(value),
           "bool": is_bool}[kind]
     if ok and kind != "bool":
-        ok = (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+        ok = ((minimum is None or value > minimum or (value == minimum and not above))
+              and (maximum is None or value <= maximum))
     if ok:
         return value
     expected = _KINDS[kind]
     if minimum is not None and maximum is not None:
         expected += f" from {minimum} to {maximum}"
     elif minimum is not None:
-        expected += f" >= {minimum}"
+        expected += f" {'>' if above else '>='} {minimum}"
     elif maximum is not None:
         expected += f" <= {maximum}"
     if nullable:

@@ -96,18 +96,16 @@ def _abs_max_finite(x):
     """``(m, extremes)``: ``m = max |x|`` over the finite values of float32 ``x``
     (0 if there are none, -inf if ``x`` is empty) and ``extremes = (max(x),
     min(x))``, or None under XLA."""
+    def finite_max():
+        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype)))
+
     if _in_xla_context():
-        # XLA fuses the mask into the reduction: one pass, no branch.
-        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype))), None
+        return finite_max(), None  # XLA fuses the mask into the reduction: one pass, no branch
     # max|x| = max(max(x), -min(x)): two read-only reductions, no |x| temporary.
     # Both reductions propagate NaN and an Inf shows up in one of them, so a
     # non-finite m means "an Inf or NaN is present": only then the masked pass.
     hi, lo = tf.reduce_max(x), tf.reduce_min(x)
     m = tf.maximum(hi, -lo)
-
-    def finite_max():
-        return tf.reduce_max(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros_like(x)))
-
     return tf.cond(tf.math.is_finite(m), lambda: m, finite_max), (hi, lo)
 
 

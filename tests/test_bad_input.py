@@ -163,7 +163,7 @@ def test_bad_overrides_of_fixed_strategy_trainer_model_and_search(tmp_path, stor
             ("trainer.optimizer.momentum=abc", "trainer.optimizer.momentum must be a number from 0 to 1 or null"),
             ("trainer.optimizer.momentum=-5", "got -5"),
             ("trainer.optimizer.weight_decay=abc", "trainer.optimizer.weight_decay must be a number >= 0"),
-            ("trainer.optimizer.learning_rate=1e400", "trainer.optimizer.learning_rate must be a number >= 0, got inf"),
+            ("trainer.optimizer.learning_rate=1e400", "trainer.optimizer.learning_rate must be a number > 0, got inf"),
             ("trainer.optimizer=adam", "trainer.optimizer must be a mapping"),
             ("trainer.lr_schedule.step_epochs=0", "trainer.lr_schedule.step_epochs must be an integer >= 1, got 0"),
             ("trainer.lr_schedule.gamma=abc", "trainer.lr_schedule.gamma must be a number"),
