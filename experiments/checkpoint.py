@@ -122,6 +122,13 @@ def process_tags() -> dict[str, str]:
     return {"nics_fix.host": socket.gethostname(), "nics_fix.pid": str(os.getpid())}
 
 
+def local_pid(tags) -> int | None:
+    """The pid of :func:`process_tags` (run tags or trial attributes) if it ran on this host."""
+    if tags.get("nics_fix.host") != socket.gethostname() or "nics_fix.pid" not in tags:
+        return None
+    return int(tags["nics_fix.pid"])
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -182,8 +189,8 @@ def stale_reason(run, now: float | None = None) -> str | None:
     if run.info.status != "RUNNING":
         return None
     tags = run.data.tags
-    if tags.get("nics_fix.host") == socket.gethostname() and "nics_fix.pid" in tags:
-        pid = int(tags["nics_fix.pid"])
+    pid = local_pid(tags)
+    if pid is not None:
         return None if pid_alive(pid) else f"process {pid} on {tags['nics_fix.host']} is gone (killed?)"
     try:
         last, interval = float(tags[HEARTBEAT]), float(tags[HEARTBEAT_INTERVAL])

@@ -476,13 +476,11 @@ def directions(opts: Mapping) -> list[str]:
 
 
 def _engine_kwargs(storage_url: str) -> dict:
-    scheme = storage_url.split(":", 1)[0].split("+", 1)[0].lower()
+    scheme = tracking.url_scheme(storage_url)
     if scheme == "sqlite":
         # Several local workers on one file: wait for a lock instead of failing after 5 s.
         return {"connect_args": {"timeout": SQLITE_TIMEOUT}}
-    if scheme in ("postgresql", "mysql"):
-        return {"connect_args": {"connect_timeout": tracking.CONNECT_TIMEOUT}}
-    return {}
+    return tracking.connect_timeout_args(scheme)
 
 
 def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | None = None,
@@ -572,10 +570,18 @@ def _warn(text: str) -> None:
 
 def _trial_dead(trial) -> bool:
     """A RUNNING trial whose worker ran on this host under a pid that no longer exists."""
-    attrs = trial.user_attrs
-    if attrs.get(WORKER_HOST) != socket.gethostname() or WORKER_PID not in attrs:
-        return False  # another machine's worker: Optuna's heartbeat decides
-    return int(attrs[WORKER_PID]) != os.getpid() and not checkpoint.pid_alive(int(attrs[WORKER_PID]))
+    pid = checkpoint.local_pid(trial.user_attrs)  # None: another machine's worker, Optuna's heartbeat decides
+    return pid is not None and pid != os.getpid() and not checkpoint.pid_alive(pid)
+
+
+def _fail_trial(study: optuna.Study, trial, reason: str) -> bool:
+    """A RUNNING trial becomes FAIL with an ``error`` attribute; False if it finished meanwhile."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker (or the trial itself) finished it first
+    return True
 
 
 def _kill_run(client, run_id: str, reason: str, optuna_state: str | None = None) -> bool:
@@ -626,7 +632,6 @@ def close_stale(study: optuna.Study, experiment_id: str) -> dict[str, list]:
       or a trial run whose Optuna trial is already finished, becomes KILLED
       with a ``nics_fix.closed_as_stale`` tag saying why.
     """
-    storage = study._storage  # the RDBStorage open_study made
     me = f"pid {os.getpid()} on {socket.gethostname()}"
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -634,12 +639,8 @@ def close_stale(study: optuna.Study, experiment_id: str) -> dict[str, list]:
             continue
         reason = (f"worker pid {trial.user_attrs[WORKER_PID]} on {trial.user_attrs[WORKER_HOST]} is gone "
                   f"(killed?); closed by the search of {me}")
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "error", reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker closed it first
-        failed.append(trial.number)
+        if _fail_trial(study, trial, reason):
+            failed.append(trial.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # heartbeat: other hosts' dead workers
@@ -1169,10 +1170,8 @@ def _end_runs(parent_id: str, status: str, error: str | None = None) -> None:
 def _fail_own_trials(study: optuna.Study, reason: str) -> None:
     """After an interrupt: this process's trials still RUNNING become FAIL (none is left to a heartbeat)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_PID) == os.getpid() and trial.user_attrs.get(WORKER_HOST) == socket.gethostname():
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # finished meanwhile: fine
-                study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if checkpoint.local_pid(trial.user_attrs) == os.getpid():
+            _fail_trial(study, trial, reason)
 
 
 def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, choices, output_dir):

@@ -232,7 +232,7 @@ def _safe_uri(uri: str) -> str:
 
 def _probe(uri: str) -> None:
     """Fail in seconds, with a clear message, when the store cannot be reached at all."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    scheme = url_scheme(uri)
     if scheme in ("http", "https"):
         import requests
 
@@ -246,7 +246,7 @@ def _probe(uri: str) -> None:
         import sqlalchemy
 
         try:
-            engine = sqlalchemy.create_engine(uri, **_connect_timeout_args(scheme))
+            engine = sqlalchemy.create_engine(uri, **connect_timeout_args(scheme))
             try:
                 with engine.connect():
                     pass
@@ -273,7 +273,13 @@ def _probe_sqlite_file(uri: str, path: Path) -> None:
         raise _tracking_error(uri, f"cannot write in {path.parent} ({type(err).__name__}: {err.strerror})") from None
 
 
-def _connect_timeout_args(scheme: str) -> dict:
+def url_scheme(url: str) -> str:
+    """``postgresql`` for ``postgresql+psycopg2://...``: the database or protocol, without the driver."""
+    return url.split(":", 1)[0].split("+", 1)[0].lower()
+
+
+def connect_timeout_args(scheme: str) -> dict:
+    """SQLAlchemy ``create_engine`` arguments that bound a connection attempt to ``CONNECT_TIMEOUT`` s."""
     if scheme in ("postgresql", "mysql"):
         return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
     return {}
@@ -334,7 +340,7 @@ def store_lock(url: str):
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                          **_connect_timeout_args("postgresql"))
+                                          **connect_timeout_args("postgresql"))
         key = zlib.crc32(b"nics_fix.store_lock") - 2 ** 31
         try:
             with engine.connect() as conn:
