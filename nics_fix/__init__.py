@@ -77,3 +77,6 @@ from nics_fix.thdh import (  # noqa: E402
     buffer_scale,
     buffer_strategy_config,
 )
+
+# Bring your own Keras 3 model: convert it to fixed point.
+from nics_fix.convert import ConversionError, fixed_model, unsupported_layers  # noqa: E402

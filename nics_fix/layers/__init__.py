@@ -1,5 +1,7 @@
 """Keras layers of nics_fix: fixed-point layers and pass-through layers."""
 
+import keras
+
 from nics_fix.layers.activation import ReLU
 from nics_fix.layers.base import FixedLayer, ScopedLayer
 from nics_fix.layers.convolutional import Conv2D, DepthwiseConv2D
@@ -22,8 +24,17 @@ from nics_fix.layers.quantize import Quantize
 
 FIXED_LAYERS = (Dense, Conv2D, DepthwiseConv2D, BatchNormalization, ReLU, Quantize)
 
+#: The Keras class each fixed layer replaces in :func:`nics_fix.fixed_model`.
+COUNTERPARTS = {
+    keras.layers.Dense: Dense,
+    keras.layers.Conv2D: Conv2D,
+    keras.layers.DepthwiseConv2D: DepthwiseConv2D,
+    keras.layers.BatchNormalization: BatchNormalization,
+    keras.layers.ReLU: ReLU,
+}
+
 __all__ = [
-    "Activation", "Add", "AveragePooling2D", "AvgPool2D", "BatchNormalization", "Concatenate",
+    "COUNTERPARTS", "Activation", "Add", "AveragePooling2D", "AvgPool2D", "BatchNormalization", "Concatenate",
     "Conv2D", "DepthwiseConv2D", "Dense", "Dropout", "FIXED_LAYERS", "FixedLayer", "Flatten",
     "GlobalAveragePooling2D", "MaxPool2D", "MaxPooling2D", "Quantize", "ReLU", "Reshape",
     "ScopedLayer",

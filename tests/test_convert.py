@@ -1,0 +1,223 @@
+"""nf.fixed_model: converting Keras 3 models, float equivalence, configs, warnings and errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nics_fix as nf
+from tests.test_quant import ref_auto_scale, ref_quantize
+
+L = keras.layers
+
+
+def randomize(model, rng):
+    """Non-trivial weights (BN variances positive), so equal outputs mean something."""
+    for v in model.weights:
+        if "int" in str(v.dtype):
+            continue
+        value = rng.standard_normal(v.shape).astype(np.float32) * 0.3
+        if "variance" in v.name:
+            value = np.abs(value) + 0.5
+        v.assign(value)
+    return model
+
+
+def float_weights(model, trainable=None):
+    """The model's weights without the nics_fix scales (int32), in order."""
+    weights = {None: model.weights, False: model.non_trainable_weights}[trainable]
+    return [v for v in weights if "int" not in str(v.dtype)]
+
+
+def outputs_and_gradients(model, x, training):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=training)
+        loss = tf.reduce_sum(tf.square(y))
+    grads = tape.gradient(loss, [x] + model.trainable_weights)
+    return y.numpy(), [g.numpy() for g in grads]
+
+
+def assert_same_model(original, converted, x):
+    """Same outputs and gradients (input and every weight), training and inference."""
+    assert len(original.trainable_weights) == len(converted.trainable_weights)
+    for training in (False, True):
+        y0, g0 = outputs_and_gradients(original, x, training)
+        y1, g1 = outputs_and_gradients(converted, x, training)
+        np.testing.assert_array_equal(y1, y0)
+        for a, b in zip(g1, g0):
+            np.testing.assert_array_equal(a, b)
+    state = [float_weights(m, trainable=False) for m in (original, converted)]
+    assert len(state[0]) == len(state[1])
+    for a, b in zip(*state):  # BN moving statistics updated identically
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+
+
+def residual_cnn():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU(max_value=6, name="relu6")(x)
+    y = L.Conv2D(4, 3, padding="same", activation="relu", name="conv2")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw")(y)
+    x = L.Add(name="add")([x, y])
+    x = L.Activation("relu6", name="act")(x)
+    x = L.Dropout(0.25, name="drop")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(3, name="logits")(x), name="residual_cnn")
+
+
+def nested_model():
+    inner = keras.Sequential([keras.Input((6,)), L.Dense(5, activation="tanh", name="inner_dense"),
+                              L.BatchNormalization(name="inner_bn")], name="inner")
+    inputs = keras.Input((6,))
+    shared = L.Dense(6, name="shared")  # one layer used twice
+    x = shared(shared(inputs))
+    x = inner(x)
+    return keras.Model(inputs, L.Dense(2, name="head")(x), name="outer")
+
+
+# ---------------------------------------------------------------------------
+# Float: the converted model is the original, bit for bit
+# ---------------------------------------------------------------------------
+
+
+def test_residual_cnn_converts_to_fixed_layers_and_stays_exact(rng):
+    model = randomize(residual_cnn(), rng)
+    converted = nf.fixed_model(model)
+    kinds = {layer.name: type(layer) for layer in converted.layers}
+    assert kinds["conv1"] is nf.Conv2D and kinds["bn1"] is nf.BatchNormalization
+    assert kinds["relu6"] is nf.ReLU and kinds["dw"] is nf.DepthwiseConv2D and kinds["logits"] is nf.Dense
+    assert kinds["act"] is L.Activation and kinds["add"] is L.Add and kinds["drop"] is L.Dropout
+    assert converted.get_layer("relu6").max_value == 6
+    assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
+    assert_same_model(model, converted, rng.standard_normal((4, 8, 8, 3)).astype(np.float32))
+
+
+def test_nested_and_shared_layers(rng):
+    model = randomize(nested_model(), rng)
+    converted = nf.fixed_model(model)
+    assert isinstance(converted.get_layer("inner"), keras.Sequential)
+    assert isinstance(converted.get_layer("inner").get_layer("inner_dense"), nf.Dense)
+    shared = converted.get_layer("shared")
+    assert isinstance(shared, nf.Dense) and len(shared._inbound_nodes) == 2  # still one shared layer
+    names = [p.name for p in nf.fixed_points(converted)]
+    assert "inner_dense/kernel" in names and names.count("shared/kernel") == 1
+    assert_same_model(model, converted, rng.standard_normal((5, 6)).astype(np.float32))
+
+
+def test_original_model_is_not_changed(rng):
+    model = randomize(nested_model(), rng)
+    before = [w.numpy().copy() for w in model.weights]
+    converted = nf.fixed_model(model)
+    for w in converted.trainable_weights:
+        w.assign(w + 1.0)
+    assert all(not isinstance(layer, nf.layers.FixedLayer) for layer in model._flatten_layers())
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_float_conversion_fits_exactly_like_the_original(rng):
+    model = randomize(residual_cnn(), rng)
+    converted = nf.fixed_model(model)
+    x = rng.standard_normal((16, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+    for m in (model, converted):
+        m.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    h0 = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
+    h1 = converted.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False).history["loss"]
+    assert h0 == h1
+    assert len(float_weights(model)) == len(float_weights(converted))
+    for a, b in zip(float_weights(model), float_weights(converted)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---------------------------------------------------------------------------
+# Configs resolve as in fixed_scope
+# ---------------------------------------------------------------------------
+
+
+def test_fixed_config_quantizes_as_a_hand_computation_says(rng):
+    inputs = keras.Input((6,))
+    hidden = L.Dense(4, activation="relu", name="d1")(inputs)
+    model = randomize(keras.Model(inputs, L.Dense(3, name="d2")(hidden)), rng)
+    cfg = {"by_type": {"Dense": {"weight": {"data_config": {"bit_width": 5, "training": "auto",
+                                                             "not_training": "auto"}}}},
+           "by_name": {"d1": {"activation": {"data_config": {"bit_width": 4, "training": 1,
+                                                              "not_training": 1}}}}}
+    converted = nf.fixed_model(model, cfg)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    got = converted(x, training=False).numpy()
+
+    def q(w):
+        return ref_quantize(w, 5, ref_auto_scale(w)).astype(np.float64)
+
+    w1, b1, w2, b2 = (model.get_layer(n).weights[i].numpy() for n in ("d1", "d2") for i in (0, 1))
+    h = ref_quantize(np.maximum(x @ q(w1) + q(b1), 0), 4, 1)  # relu, then d1's activation point
+    want = h.astype(np.float64) @ q(w2) + q(b2)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, model(x).numpy(), atol=1e-3)
+    assert converted.get_layer("d1").fixed_config.activation.data.bit_width == 4
+    assert converted.get_layer("d2").fixed_config.activation.is_float
+
+
+def test_unmatched_by_name_keys_are_reported(rng):
+    cfg = {"by_name": {"no_such_layer": {"weight": {"data_config": {"bit_width": 8, "training": "auto"}}}}}
+    with pytest.warns(UserWarning, match="by_name entries matched no layer: no_such_layer"):
+        nf.fixed_model(nested_model(), cfg)
+
+
+def test_converting_a_nics_fix_model_takes_the_new_config(fix8):
+    with nf.fixed_scope("net", {"by_type": {"Dense": fix8}}):
+        model = keras.Sequential([keras.Input((3,)), nf.Dense(2, name="d")])
+    assert not nf.fixed_model(model).get_layer("d").fixed_config.weight.data.bit_width
+
+
+# ---------------------------------------------------------------------------
+# Unsupported layers and models
+# ---------------------------------------------------------------------------
+
+
+def test_weighted_layers_without_counterpart_stay_float_with_one_warning(rng):
+    inputs = keras.Input((5, 3))
+    x = L.GRU(4, return_sequences=True, name="gru")(inputs)
+    x = L.PReLU(name="prelu")(x)
+    x = L.Flatten()(x)
+    model = randomize(keras.Model(inputs, L.Dense(2, name="fc")(x)), rng)
+    assert nf.unsupported_layers(model) == {"gru": "GRU", "prelu": "PReLU"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = nf.fixed_model(model)
+    messages = [str(w.message) for w in caught if "no nics_fix counterpart" in str(w.message)]
+    assert messages == ["fixed_model: 2 layer(s) hold weights but have no nics_fix counterpart and "
+                        "stay float: gru (GRU), prelu (PReLU)"]
+    assert type(converted.get_layer("gru")) is L.GRU and isinstance(converted.get_layer("fc"), nf.Dense)
+    assert nf.unsupported_layers(converted) == {"gru": "GRU", "prelu": "PReLU"}
+    assert_same_model(model, converted, rng.standard_normal((2, 5, 3)).astype(np.float32))
+
+
+class CustomCall(keras.Model):
+    def __init__(self):
+        super().__init__(name="custom")
+        self.dense = L.Dense(2)
+
+    def call(self, x):
+        return self.dense(x) * 2
+
+
+def test_subclassed_model_is_a_clear_error():
+    model = CustomCall()
+    model(np.zeros((1, 3), np.float32))
+    with pytest.raises(nf.ConversionError, match="'custom' is a subclassed CustomCall with its own `call`.*"
+                                                 "build it as a Functional or Sequential model"):
+        nf.fixed_model(model)
+    inputs = keras.Input((3,))
+    wrapper = keras.Model(inputs, CustomCall()(inputs))
+    with pytest.raises(nf.ConversionError, match="nested model 'custom' is a subclassed CustomCall"):
+        nf.fixed_model(wrapper)
