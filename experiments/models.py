@@ -1,4 +1,10 @@
-"""Model zoo of the platform: MLP, LeNet-5 and VGG11, built from ``nics_fix`` layers.
+"""Model zoo of the platform, and users' own models.
+
+MLP, LeNet-5 and VGG11 are built from ``nics_fix`` layers inside a
+``fixed_scope``; ResNet-20, MobileNetV2 and a small ViT are plain Keras
+(:mod:`experiments.keras_zoo`), and so is a user's model named by
+``model._target_`` (:mod:`experiments.user_models`): those are converted
+with ``nf.fixed_model``.
 
 Layer names are stable and predictable (``dense1``, ``conv1``, ``bn1``,
 ``relu1``, ...), because per-layer bit allocations (``fixed.by_name``),
@@ -14,8 +20,9 @@ from collections.abc import Mapping
 import keras
 
 import nics_fix as nf
+from experiments import keras_zoo
 
-MODELS = ("mlp", "lenet5", "vgg11")
+MODELS = ("mlp", "lenet5", "vgg11", "resnet20", "mobilenet_v2", "vit", "custom")
 
 
 class ModelConfigError(ValueError):
@@ -122,14 +129,37 @@ def check_model_config(model_cfg: Mapping) -> None:
 
 
 def build_model(model_cfg: Mapping, input_shape, num_classes: int, fixed_cfg=None, strategy_cfg=None):
-    """Build the configured model inside a ``fixed_scope``; return ``(model, scope)``."""
+    """Build the configured model with its fixed config; return ``(model, scope)``.
+
+    A node with ``_target_`` is a user's model (whatever its ``name``); the
+    scope records the per-layer configs either way.
+    """
     name = model_cfg.get("name")
-    if name not in _BUILDERS:
+    if "_target_" in model_cfg or name == "custom":
+        from experiments.user_models import call_target
+
+        return _converted(call_target(model_cfg, input_shape, num_classes), name, fixed_cfg, strategy_cfg)
+    if name not in _BUILDERS and name not in keras_zoo.BUILDERS:
         raise ModelConfigError(f"model.name: unknown model {name!r}; available: {', '.join(MODELS)}")
     check_model_config(model_cfg)
+    if name in keras_zoo.BUILDERS:
+        float_model = keras_zoo.BUILDERS[name](model_cfg, input_shape, num_classes)
+        return _converted(float_model, name, fixed_cfg, strategy_cfg)
     names = _Names()
     with nf.fixed_scope(name, fixed_cfg, strategy_cfg) as scope:
         inputs = keras.Input(tuple(input_shape), name="inputs")
         outputs = _BUILDERS[name](inputs, num_classes, model_cfg, names)
         model = keras.Model(inputs, outputs, name=name)
+    return model, scope
+
+
+def _converted(float_model, name, fixed_cfg, strategy_cfg):
+    """``nf.fixed_model`` of a float Keras model, and a scope recording what each layer took."""
+    try:
+        model = nf.fixed_model(float_model, fixed_cfg, strategy_cfg)
+    except nf.ConversionError as err:
+        raise ModelConfigError(f"model {name!r}: {err}") from None
+    scope = nf.scope.FixedScope(str(name), fixed_cfg, strategy_cfg)
+    for layer in nf.introspect.fixed_layers(model):
+        scope.resolve(layer)
     return model, scope
