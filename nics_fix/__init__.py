@@ -78,5 +78,14 @@ from nics_fix.thdh import (  # noqa: E402
     buffer_strategy_config,
 )
 
-# Bring your own Keras 3 model: convert it to fixed point.
+# Bring your own Keras 3 model: convert it to fixed point; the layers it needs.
+from nics_fix.layers import (  # noqa: E402
+    Conv1D,
+    Conv2DTranspose,
+    EinsumDense,
+    Embedding,
+    LayerNormalization,
+    MultiHeadAttention,
+    SeparableConv2D,
+)
 from nics_fix.convert import ConversionError, fixed_model, unsupported_layers  # noqa: E402

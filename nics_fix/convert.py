@@ -105,8 +105,8 @@ def _clone_layer(layer):
     if cls is None:
         cls = type(layer)
     else:  # configs come from fixed_model's arguments, through the scope
-        config.pop("fixed_config", None)
-        config.pop("strategy_config", None)
+        for key in cls.config_keys:
+            config.pop(key, None)
     try:
         return cls.from_config(config)
     except Exception as err:  # noqa: BLE001 - any failure: the layer cannot be rebuilt from its config

@@ -581,7 +581,8 @@ def _model_variables(model):
             if not layer.built:
                 raise ValueError(f"fixed_storage_optimizer: layer {layer.name!r} is not built; build the "
                                  "model first (give it an Input or call it on a batch)")
-            items = [(key, getattr(layer, key)) for key in layer.fixed_points if key != "activation"]
+            items = [(key, getattr(layer, key)) for key, point in layer.fixed_points.items()
+                     if point.kind == "weight"]
         else:
             items = [(v.name, v) for v in getattr(layer, "_trainable_variables", [])]
         for key, variable in items:

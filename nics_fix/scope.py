@@ -50,12 +50,16 @@ class FixedScope:
         self.layers: list = []
 
     def resolve(self, layer) -> tuple[LayerFixedConfig, list | None]:
-        layer_type = type(layer).__name__
-        config = self.fixed_config.resolve(layer.name, layer_type)
-        strategy = self.strategy_config.resolve(layer.name, layer_type) if self.strategy_config else None
-        self.layer_configs[layer.name] = config
-        self.layer_strategies[layer.name] = strategy
+        config, strategy = self.resolve_name(layer.name, type(layer).__name__)
         self.layers.append(layer)
+        return config, strategy
+
+    def resolve_name(self, name: str, layer_type: str) -> tuple[LayerFixedConfig, list | None]:
+        """Resolve and record the configs of a layer that does not exist yet (a sublayer built later)."""
+        config = self.fixed_config.resolve(name, layer_type)
+        strategy = self.strategy_config.resolve(name, layer_type) if self.strategy_config else None
+        self.layer_configs[name] = config
+        self.layer_strategies[name] = strategy
         return config, strategy
 
     def unmatched_names(self) -> list[str]:

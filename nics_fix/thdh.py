@@ -174,8 +174,8 @@ def buffer_strategy_config(model, learning_rate: float, buffer_bit_width: int = 
     by_name = {}
     for layer in fixed_layers(model):
         scales = {}
-        for key in layer.fixed_points:
-            if key == "activation":
+        for key, point in layer.fixed_points.items():
+            if point.kind != "weight":
                 continue
             fmt = _weight_format(layer, key, getattr(layer, key))
             if fmt is not None:

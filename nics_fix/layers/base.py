@@ -93,6 +93,8 @@ class FixedLayer(ScopedLayer):
 
     fixed_weights: tuple[str, ...] = ()
     quantize_output = True
+    #: Constructor arguments that carry resolved configs (not Keras' own).
+    config_keys: tuple[str, ...] = ("fixed_config", "strategy_config")
 
     def __init__(self, *args, fixed_config=None, strategy_config=None, **kwargs):
         super().__init__(*args, **kwargs)

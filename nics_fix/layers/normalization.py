@@ -1,4 +1,4 @@
-"""Fixed-point ``BatchNormalization``."""
+"""Fixed-point normalization: ``BatchNormalization`` and ``LayerNormalization``."""
 
 from __future__ import annotations
 
@@ -18,3 +18,18 @@ class BatchNormalization(FixedLayer, keras.layers.BatchNormalization):
     fixed_weights = ("gamma", "beta")
     gamma = substitutable("gamma", keras.layers.BatchNormalization)
     beta = substitutable("beta", keras.layers.BatchNormalization)
+
+
+@keras.saving.register_keras_serializable(package="nics_fix")
+class LayerNormalization(FixedLayer, keras.layers.LayerNormalization):
+    """``keras.layers.LayerNormalization`` with quantized ``gamma``, ``beta`` and output.
+
+    >>> import keras, nics_fix as nf
+    >>> m = keras.Sequential([keras.Input((3, 4)), nf.LayerNormalization(name="ln")])
+    >>> [p.name for p in nf.fixed_points(m)]
+    ['ln/gamma', 'ln/beta', 'ln/activation']
+    """
+
+    fixed_weights = ("gamma", "beta")
+    gamma = substitutable("gamma", keras.layers.LayerNormalization)
+    beta = substitutable("beta", keras.layers.LayerNormalization)
