@@ -35,12 +35,13 @@ def float_weights(model, trainable=None):
 
 def outputs_and_gradients(model, x, training):
     x = tf.constant(x)
+    inputs = [x] if x.dtype.is_floating else []  # token ids have no gradient
     with tf.GradientTape() as tape:
-        tape.watch(x)
+        tape.watch(inputs)
         y = model(x, training=training)
         loss = tf.reduce_sum(tf.square(y))
-    grads = tape.gradient(loss, [x] + model.trainable_weights)
-    return y.numpy(), [g.numpy() for g in grads]
+    grads = tape.gradient(loss, inputs + model.trainable_weights)
+    return y.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]
 
 
 def assert_same_model(original, converted, x):
@@ -80,6 +81,34 @@ def nested_model():
     x = shared(shared(inputs))
     x = inner(x)
     return keras.Model(inputs, L.Dense(2, name="head")(x), name="outer")
+
+
+def transformer_block():
+    ids = keras.Input((6,), dtype="int32")
+    x = L.Embedding(20, 8, name="emb")(ids)
+    a = L.MultiHeadAttention(2, 4, dropout=0.1, name="att")(x, x)
+    x = L.LayerNormalization(name="ln1")(L.Add()([x, a]))
+    f = L.Dense(16, activation="gelu", name="ffn1")(x)
+    f = L.EinsumDense("abc,cd->abd", (None, 8), bias_axes="d", name="ffn2")(f)
+    x = L.LayerNormalization(name="ln2")(L.Add()([x, f]))
+    x = L.GlobalAveragePooling1D()(x)
+    return keras.Model(ids, L.Dense(3, name="head")(x), name="transformer")
+
+
+def conv_zoo():
+    inputs = keras.Input((8, 8, 2))
+    x = L.SeparableConv2D(4, 3, padding="same", activation="relu", name="sep")(inputs)
+    x = L.Conv2DTranspose(3, 3, strides=2, padding="same", name="up")(x)
+    x = L.Reshape((16 * 16, 3))(x)
+    x = L.Conv1D(2, 5, strides=4, name="c1d")(x)
+    return keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(x)), name="conv_zoo")
+
+
+def supported_weights_all_have_points(model):
+    """Every trainable weight of the converted model is read through a weight point."""
+    pointed = {id(getattr(layer, p.key)) for layer in nf.introspect.fixed_layers(model)
+               for p in layer.fixed_points.values() if p.kind == "weight"}
+    return all(id(v) in pointed for v in model.trainable_weights)
 
 
 # ---------------------------------------------------------------------------
@@ -136,6 +165,27 @@ def test_float_conversion_fits_exactly_like_the_original(rng):
     assert len(float_weights(model)) == len(float_weights(converted))
     for a, b in zip(float_weights(model), float_weights(converted)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("build, shape", [(transformer_block, None), (conv_zoo, (3, 8, 8, 2))])
+def test_transformer_and_other_new_layers_convert_exactly(build, shape, rng):
+    model = randomize(build(), rng)
+    converted = nf.fixed_model(model)
+    assert nf.unsupported_layers(model) == {} and supported_weights_all_have_points(converted)
+    x = rng.integers(0, 20, (4, 6)).astype(np.int32) if shape is None else rng.standard_normal(shape).astype(np.float32)
+    assert_same_model(model, converted, x)
+
+
+@pytest.mark.parametrize("application", ["MobileNetV2", "ResNet50"])
+def test_keras_applications_convert_exactly(application, rng):
+    kwargs = {"alpha": 0.35} if application == "MobileNetV2" else {}
+    model = getattr(keras.applications, application)(weights=None, input_shape=(32, 32, 3), classes=4, **kwargs)
+    converted = nf.fixed_model(model)
+    assert nf.unsupported_layers(model) == {} and supported_weights_all_have_points(converted)
+    assert all(isinstance(layer, nf.layers.FixedLayer) for layer in converted.layers if layer.weights)
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    for training in (False, True):
+        np.testing.assert_array_equal(converted(x, training=training).numpy(), model(x, training=training).numpy())
 
 
 # ---------------------------------------------------------------------------
@@ -221,3 +271,85 @@ def test_subclassed_model_is_a_clear_error():
     wrapper = keras.Model(inputs, CustomCall()(inputs))
     with pytest.raises(nf.ConversionError, match="nested model 'custom' is a subclassed CustomCall"):
         nf.fixed_model(wrapper)
+
+
+# ---------------------------------------------------------------------------
+# Converted models in the rest of nics_fix: fit, .keras, saver, strategies, THDH
+# ---------------------------------------------------------------------------
+
+TRANSFORMER_CFG = {
+    "configs": {"fix8": {"weight": {"data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"},
+                                    "gradient_config": {"bit_width": 8, "training": "auto"}},
+                         "activation": {"data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"},
+                                        "gradient_config": {"bit_width": 12, "training": "auto"}}}},
+    "by_type": {t: "fix8" for t in ("Embedding", "EinsumDense", "MultiHeadAttention", "LayerNormalization", "Dense")},
+}
+
+
+@pytest.fixture(scope="module")
+def trained_transformer():
+    """A converted transformer block with 8 bits everywhere after one epoch of fit (traced once)."""
+    rng = np.random.default_rng(7)
+    converted = nf.fixed_model(randomize(transformer_block(), rng), TRANSFORMER_CFG)
+    converted.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.integers(0, 20, (16, 6)).astype(np.int32)
+    history = converted.fit(x, rng.integers(0, 3, 16), batch_size=8, epochs=1, verbose=0)
+    return converted, x, history.history["loss"][0]
+
+
+def test_fixed_transformer_trains_and_every_point_stores_its_scales(trained_transformer):
+    converted, x, loss = trained_transformer
+    assert np.isfinite(loss)
+    points = {p.name: p for p in nf.fixed_points(converted)}
+    assert {"emb/embeddings", "att/scores", "att/softmax", "att_query/kernel", "att_attention_output/activation",
+            "ln1/gamma", "ffn2/kernel", "head/activation"} <= set(points)
+    assert all(p.grad_scale != 0 for p in points.values())  # every gradient point quantized a gradient
+    assert points["att/softmax"].data_scale <= 0  # probabilities: max in (0, 1]
+
+
+def test_keras_file_round_trip_predicts_the_same(trained_transformer, tmp_path):
+    converted, x, _ = trained_transformer
+    converted.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), converted.predict(x, verbose=0))
+    assert [(p.name, p.data_config, p.data_scale) for p in nf.fixed_points(loaded)] == \
+           [(p.name, p.data_config, p.data_scale) for p in nf.fixed_points(converted)]
+    assert isinstance(loaded.get_layer("att").query_dense, nf.EinsumDense)
+
+
+def test_fixed_model_saver_restores_into_a_fresh_conversion(trained_transformer, tmp_path):
+    converted, x, _ = trained_transformer
+    nf.fixed_model_saver(converted, fixed_weight=True).save(tmp_path / "fixed")
+    fresh = nf.fixed_model(transformer_block(), TRANSFORMER_CFG)
+    nf.restore_fixed_model(fresh, tmp_path / "fixed")
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), converted.predict(x, verbose=0))
+
+
+def test_strategy_config_reaches_the_converted_layers(rng):
+    c = 0.375
+    strategy = {"by_name": {"d2": {"name": "noise_strategy",
+                                   "activation": {"data_config": {"post": {"type": "uniform", "min": c, "max": c}}}}}}
+    inputs = keras.Input((6,))
+    model = randomize(keras.Model(inputs, L.Dense(3, name="d2")(L.Dense(4, name="d1")(inputs))), rng)
+    converted = nf.fixed_model(model, strategy_config=strategy)
+    assert isinstance(converted.get_layer("d2").strategy, nf.NoiseStrategy)
+    assert converted.get_layer("d1").strategy is None
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_array_equal(converted(x, training=True).numpy(), model(x).numpy() + np.float32(c))
+    np.testing.assert_array_equal(converted(x, training=False).numpy(), model(x).numpy())
+
+
+def test_thdh_optimizer_keeps_converted_weights_on_their_storage_grid(rng):
+    storage = {"weight": {"storage_config": {"bit_width": 10, "scale": 1}}}
+    cfg = {"by_type": {"EinsumDense": storage, "Dense": storage, "LayerNormalization": storage}}
+    converted = nf.fixed_model(randomize(transformer_block(), rng), cfg)
+    opt = nf.fixed_storage_optimizer(keras.optimizers.SGD(0.1), converted,
+                                     update_config={"bit_width": 12, "scale": -2})
+    assert {"att_query/kernel", "att_attention_output/bias", "ffn2/kernel", "ln2/gamma", "head/bias"} <= \
+        set(opt.storage_scales())
+    assert "emb/embeddings" not in opt.storage_scales()  # no storage config: float master weights
+    converted.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.integers(0, 20, (8, 6)).astype(np.int32)
+    converted.fit(x, rng.integers(0, 3, 8), batch_size=4, epochs=1, verbose=0)
+    for layer in (converted.get_layer("att").query_dense, converted.get_layer("ffn2"), converted.get_layer("head")):
+        np.testing.assert_array_equal(layer.kernel.numpy(), ref_quantize(layer.kernel.numpy(), 10, 1))
