@@ -103,8 +103,9 @@ def call_target(node: Mapping, input_shape, num_classes: int) -> keras.Model:
     if not model.built:
         raise UserModelError(f"model._target_={target}: returned a model that is not built; give it an "
                              f"input (keras.Input(shape=input_shape)) so its layers have weights")
-    if len(model.outputs or []) != 1 or model.outputs[0].shape[-1] != num_classes:
-        shapes = [tuple(o.shape) for o in model.outputs or []]
+    outputs = getattr(model, "outputs", None)  # a subclassed model has none: the conversion says why
+    if outputs is not None and (len(outputs) != 1 or outputs[0].shape[-1] != num_classes):
+        shapes = [tuple(o.shape) for o in outputs]
         raise UserModelError(f"model._target_={target}: the model's output must be one tensor of "
                              f"{num_classes} logits (the data's classes), got {shapes}")
     return model
