@@ -112,8 +112,8 @@ def _clone_layer(layer):
     except Exception as err:  # noqa: BLE001 - any failure: the layer cannot be rebuilt from its config
         raise ConversionError(
             f"fixed_model: layer {layer.name!r} ({type(layer).__name__}) cannot be rebuilt from its "
-            f"get_config(): {type(err).__name__}: {err}; give the layer a get_config() that holds every "
-            "constructor argument") from None
+            f"get_config(): {type(err).__name__}: {' '.join(str(err).split())}; give the layer a get_config() "
+            "that holds every constructor argument, and an __init__ that takes **kwargs") from None
 
 
 def _clone_model(model, cache: dict):
@@ -196,11 +196,12 @@ def fixed_model(model, fixed_config=None, strategy_config=None) -> keras.Model:
     originals = {id(layer): layer for layer in model._flatten_layers(recursive=True)}
     for key, clone in cache.items():
         original = originals[key]
-        if isinstance(original, keras.Model):
-            clone.trainable = original.trainable
-        else:
+        if not isinstance(original, keras.Model):
             _copy_state(original, clone)
-    converted.trainable = model.trainable
+        elif not original.trainable:  # setting True would also unfreeze every layer inside
+            clone.trainable = False
+    if not model.trainable:
+        converted.trainable = False
     if unsupported:
         names = ", ".join(f"{name} ({cls})" for name, cls in unsupported.items())
         message = (f"fixed_model: {len(unsupported)} layer(s) hold weights but have no nics_fix "

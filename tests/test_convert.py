@@ -130,7 +130,9 @@ def test_residual_cnn_converts_to_fixed_layers_and_stays_exact(rng):
 
 def test_nested_and_shared_layers(rng):
     model = randomize(nested_model(), rng)
+    model.get_layer("inner").get_layer("inner_bn").trainable = False
     converted = nf.fixed_model(model)
+    assert not converted.get_layer("inner").get_layer("inner_bn").trainable  # frozen stays frozen
     assert isinstance(converted.get_layer("inner"), keras.Sequential)
     assert isinstance(converted.get_layer("inner").get_layer("inner_dense"), nf.Dense)
     shared = converted.get_layer("shared")
@@ -353,3 +355,33 @@ def test_thdh_optimizer_keeps_converted_weights_on_their_storage_grid(rng):
     converted.fit(x, rng.integers(0, 3, 8), batch_size=4, epochs=1, verbose=0)
     for layer in (converted.get_layer("att").query_dense, converted.get_layer("ffn2"), converted.get_layer("head")):
         np.testing.assert_array_equal(layer.kernel.numpy(), ref_quantize(layer.kernel.numpy(), 10, 1))
+
+
+def test_attention_projections_are_addressed_by_name_in_a_conversion():
+    w5 = {"weight": {"data_config": {"bit_width": 5, "training": "auto", "not_training": "auto"}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every by_name key matches
+        converted = nf.fixed_model(transformer_block(), {"by_name": {"att_value": w5, "att": {"activation": w5["weight"]}}})
+    configs = nf.layer_fixed_configs(converted)
+    assert configs["att_value"].weight.data.bit_width == 5 and configs["att_query"].is_float
+    assert configs["att"].activation.data.bit_width == 5
+    assert nf.unmatched_by_name(converted, {"by_name": {"att_value": w5, "att_nope": w5}}) == ["att_nope"]
+
+
+class NoConfig(keras.layers.Layer):
+    def __init__(self, units):
+        super().__init__(name="no_config")
+        self.dense = L.Dense(units)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_a_layer_that_cannot_be_rebuilt_and_an_unbuilt_model_are_clear_errors():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, NoConfig(2)(inputs))
+    with pytest.raises(nf.ConversionError, match=r"layer 'no_config' \(NoConfig\) cannot be rebuilt from its "
+                                                 r"get_config\(\): TypeError: .*give the layer a get_config\(\)"):
+        nf.fixed_model(model)
+    with pytest.raises(nf.ConversionError, match="model 'seq' is not built; give it a keras.Input"):
+        nf.fixed_model(keras.Sequential([L.Dense(2)], name="seq"))

@@ -134,14 +134,13 @@ def test_layer_normalization_quantizes_gamma_beta_and_output(rng):
     layer(x)
     layer.gamma.assign(float_((6,), rng))
     layer.beta.assign(float_((6,), rng))
-    x64 = x.astype(np.float64)
-    normalized = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-3)
-    pre = normalized * ref_quantize(layer.gamma.numpy(), 4, 1) + ref_quantize(layer.beta.numpy(), 4, 1)
-    got = layer(x, training=True).numpy()
-    want = ref_quantize(pre, 5, 2)
-    assert np.mean(got == want) > 0.9  # float32 normalization may cross a rounding edge
-    np.testing.assert_allclose(got, want, atol=2 ** -2 + 1e-6)
-    np.testing.assert_array_equal(got, ref_quantize(got, 5, 2))  # on the output grid
+    reference = keras.layers.LayerNormalization(epsilon=1e-3)  # Keras normalizes, NumPy quantizes
+    reference(x)
+    reference.gamma.assign(ref_quantize(layer.gamma.numpy(), 4, 1))
+    reference.beta.assign(ref_quantize(layer.beta.numpy(), 4, 1))
+    want = ref_quantize(reference(x).numpy(), 5, 2)
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), want)
+    assert len(np.unique(want)) > 8  # not everything clipped
 
 
 def attention_by_hand(layer, q, v, cfg_bits, scale_scores, scale_softmax):
