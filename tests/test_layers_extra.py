@@ -197,3 +197,38 @@ def test_flash_attention_with_quantized_scores_is_a_clear_error(rng):
     layer = nf.MultiHeadAttention(2, 3, fixed_config=cfg, flash_attention=True)
     with pytest.raises(ValueError, match="flash attention has none; pass flash_attention=False"):
         layer(float_((1, 4, 6), np.random.default_rng(0)), float_((1, 4, 6), np.random.default_rng(1)))
+
+
+# ---------------------------------------------------------------------------
+# Cost model: MACs of the new layers, by hand
+# ---------------------------------------------------------------------------
+
+MAC_CASES = [  # layer, input shape (no batch), {weight key: MACs per example}
+    (lambda: nf.Dense(5), (4, 6), {"kernel": 4 * 6 * 5}),  # on a sequence: per position
+    (lambda: nf.EinsumDense("abc,cd->abd", (4, 5)), (4, 6), {"kernel": 4 * 5 * 6}),
+    (lambda: nf.SeparableConv2D(4, 3, depth_multiplier=2), (6, 6, 3),
+     {"depthwise_kernel": 16 * 3 * 3 * 3 * 2, "pointwise_kernel": 16 * 6 * 4}),
+    (lambda: nf.Conv2DTranspose(3, 3, strides=2, padding="same"), (5, 5, 2), {"kernel": 25 * 3 * 3 * 3 * 2}),
+    (lambda: nf.Conv1D(3, 2), (7, 4), {"kernel": 6 * 2 * 4 * 3}),
+    (lambda: nf.Embedding(10, 4), (5,), {}),  # a lookup, no multiplications
+]
+
+
+@pytest.mark.parametrize("make, shape, want", MAC_CASES)
+def test_multiply_accumulates_per_weight(make, shape, want):
+    from nics_fix.cost import _weight_macs
+
+    layer = make()
+    layer.build((None,) + shape)
+    assert _weight_macs(layer) == want
+
+
+def test_bops_of_attention_count_its_projections():
+    bits = {"data_config": {"bit_width": 4, "training": "auto", "not_training": "auto"}}
+    with nf.fixed_scope("net", {"by_type": {"EinsumDense": {"weight": bits}}}):
+        inputs = keras.Input((4, 6))
+        x = nf.quantize(inputs, {"data_config": {"bit_width": 8, "training": "auto", "not_training": "auto"}})
+        model = keras.Model(inputs, nf.MultiHeadAttention(2, 3, name="att")(x, x))
+    projection = 4 * 2 * 3 * 6  # each of q, k, v and the output: 144 MACs
+    # q, k, v read the 8-bit input; the output projection reads an unquantized product (32 bits).
+    assert nf.cost.bops(model) == 3 * projection * 4 * 8 + projection * 4 * 32
