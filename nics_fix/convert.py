@@ -110,6 +110,9 @@ def _clone_layer(layer):
     try:
         return cls.from_config(config)
     except Exception as err:  # noqa: BLE001 - any failure: the layer cannot be rebuilt from its config
+        if not layer.variables and cls is type(layer):
+            # Stateless (a Lambda, say): the converted model can share it, nothing in it changes.
+            return layer
         raise ConversionError(
             f"fixed_model: layer {layer.name!r} ({type(layer).__name__}) cannot be rebuilt from its "
             f"get_config(): {type(err).__name__}: {' '.join(str(err).split())}; give the layer a get_config() "

@@ -377,6 +377,15 @@ class NoConfig(keras.layers.Layer):
         return self.dense(x)
 
 
+def test_a_stateless_layer_that_cannot_be_rebuilt_is_shared(rng):
+    inputs = keras.Input((3,))
+    lam = L.Lambda(lambda t: t * 2, name="lam")  # Keras refuses to deserialize a Python lambda
+    model = randomize(keras.Model(inputs, lam(L.Dense(4, name="d")(inputs))), rng)
+    converted = nf.fixed_model(model)
+    assert converted.get_layer("lam") is lam and isinstance(converted.get_layer("d"), nf.Dense)
+    assert_same_model(model, converted, rng.standard_normal((2, 3)).astype(np.float32))
+
+
 def test_a_layer_that_cannot_be_rebuilt_and_an_unbuilt_model_are_clear_errors():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, NoConfig(2)(inputs))
