@@ -76,13 +76,14 @@ VARIANTS = {
 MODELS = {
     "mlp": "MLP 784-512-512-10, batch 128",
     "cnn": "CNN conv3x3(32)-conv3x3(64)-maxpool2-dense(10) on 32x32x3, batch 64",
+    "resnet20": "the zoo's ResNet-20 (Keras, nf.fixed_model; Conv2D, BN, ReLU, Dense quantized) on 32x32x3, batch 64",
 }
 
 
 # A CNN train step is ~25x an MLP one on 2 cores: fewer, shorter repetitions keep
 # a full run under ~5 minutes.
-DEFAULT_REPS = {"mlp": 12, "cnn": 8}
-DEFAULT_STEPS = {"mlp": 15, "cnn": 2}
+DEFAULT_REPS = {"mlp": 12, "cnn": 8, "resnet20": 5}
+DEFAULT_STEPS = {"mlp": 15, "cnn": 2, "resnet20": 2}
 
 
 def build_model(kind: str, variant: str, jit_compile: bool, seed: int = 0):
@@ -93,6 +94,15 @@ def build_model(kind: str, variant: str, jit_compile: bool, seed: int = 0):
     keras.utils.set_random_seed(seed)  # same initial weights for every variant
     config = VARIANTS[variant][1]
     fixed = {"by_type": {"Dense": config, "Conv2D": config}} if config else None
+    if kind == "resnet20":
+        from experiments.models import build_model as zoo_model
+
+        types = ("Dense", "Conv2D", "BatchNormalization", "ReLU")
+        fixed = {"by_type": {t: config for t in types}} if config else None
+        model, _ = zoo_model({"name": "resnet20"}, (32, 32, 3), 10, fixed)
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
+        return model
     with nf.fixed_scope(f"bench_{variant}", fixed):
         if kind == "mlp":
             layers = [keras.Input((784,)), nf.Dense(512, activation="relu"),
@@ -291,7 +301,7 @@ def _csv_list(value: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn"], help="mlp,cnn")
+    parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn"], help="mlp,cnn,resnet20")
     parser.add_argument("--variants", type=_csv_list, default=["quant", "wa"],
                         help="quantized variants compared with float: quant,wa (also: qfixed)")
     parser.add_argument("--xla", type=_csv_list, default=["off", "on"], help="off,on")
