@@ -53,6 +53,8 @@ CASES = {
     "Embedding": (dict(input_dim=10, output_dim=4),
                   lambda rng: [rng.integers(0, 10, (3, 5)).astype(np.int32)]),
     "LayerNormalization": (dict(), lambda rng: [float_((3, 4, 6), rng) * 3 + 1]),
+    "ReLU": (dict(max_value=6.0, negative_slope=0.1, threshold=0.5),  # Keras' arguments kept
+             lambda rng: [float_((3, 8), rng) * 5]),
     "MultiHeadAttention": (dict(num_heads=2, key_dim=3, dropout=0.25, seed=7),
                            lambda rng: [float_((2, 4, 6), rng), float_((2, 5, 6), rng)]),
 }
