@@ -27,8 +27,7 @@ from __future__ import annotations
 import warnings
 
 import keras
-
-from keras.src.models.functional import Functional
+from keras.src.models.functional import Functional  # what keras.Model(inputs, outputs) builds
 
 from nics_fix.layers import COUNTERPARTS
 from nics_fix.layers.base import FixedLayer
