@@ -14,8 +14,9 @@ of; nothing else rounds. The functions are pure: they read no variables and
 write none, so they can be tested against a NumPy reference bit for bit.
 
 Speed, never at the cost of a value (``benchmarks/quant_exactness.py`` checks
-every path bit for bit): round-to-nearest runs as one fused TensorFlow CPU
-kernel; an auto scale costs two read-only reductions, which also tell the
+every path bit for bit): round-to-nearest with one scale per tensor runs as
+one fused TensorFlow CPU kernel (per-channel and per-block scales take the
+plain ops); an auto scale costs two read-only reductions, which also tell the
 backward pass when the straight-through mask is all ones; under XLA
 (``jit_compile=True``) plain ops are used and XLA fuses them.
 
@@ -383,38 +384,18 @@ class _Format:
         return pow2(step_exp), pow2(-step_exp)
 
 
-def _fused_axis(x, fmt: _Format):
-    """The fused kernel's ``axis`` for ``fmt``'s range ends against ``x``: -1 for one
-    scale, ``a`` for one scale per index along axis ``a`` (a channel), None otherwise."""
-    if isinstance(fmt.low, float):
-        return -1
-    shape = fmt.low.shape
-    if shape.rank == 0:
-        return -1
-    if not shape.is_fully_defined() or shape.rank != x.shape.rank:
-        return None
-    wide = [i for i, d in enumerate(shape) if d != 1]
-    if not wide:
-        return -1
-    if len(wide) == 1 and x.shape[wide[0]] == shape[wide[0]]:
-        return wide[0]
-    return None
+def _one_range(fmt: _Format) -> bool:
+    """True when ``fmt`` has one range for the whole tensor (its ends hold one value)."""
+    return isinstance(fmt.low, float) or fmt.low.shape.num_elements() == 1
 
 
 def _quantize(x, fmt: _Format, rounding: str, seed=None):
     """:func:`fixed_point_quantize` of float32 ``x`` in the format ``fmt``."""
-    axis = None
-    if rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _fused_kernel_allowed():
-        axis = _fused_axis(x, fmt)
-    if axis is not None and axis >= 0:
-        # One range per channel: V3 is the variant whose CPU kernel takes given
-        # per-channel ranges (V2 rejects them); it rounds half to even and runs
-        # the same float32 arithmetic on each channel's ends as V2 on one range.
-        y = tf.raw_ops.QuantizeAndDequantizeV3(
-            input=x, input_min=tf.reshape(fmt.low, [-1]), input_max=tf.reshape(fmt.high, [-1]),
-            num_bits=fmt.bit_width, signed_input=True, range_given=True, narrow_range=False, axis=axis)
-        return tf.stop_gradient(y)
-    if axis is not None:
+    # Per-channel and per-block formats take the plain ops: TensorFlow's
+    # per-channel fused kernel (QuantizeAndDequantizeV3 with an axis) measured
+    # slower than them in a training step.
+    if (rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _one_range(fmt)
+            and _fused_kernel_allowed()):
         low, high = fmt.low, fmt.high
         if not isinstance(low, float) and low.shape.rank:
             low, high = tf.reshape(low, []), tf.reshape(high, [])
