@@ -459,3 +459,20 @@ def test_search_allocations_keep_the_base_granularity():
     assert part["bit_width"] == 4 and part["granularity"] == "channel"
     built = small_model(fixed["by_name"]["d1"], name="alloc").get_layer("d1").fixed_points["kernel"]
     assert tuple(built.data_scale.shape) == (1, 8)
+
+
+def test_mlflow_metrics_and_params_carry_shaped_scales_and_dynamic_counters():
+    from experiments import tracking
+
+    model = small_model(SAVE_CFG)
+    fit_some(model, steps=2)
+    metrics = tracking.scale_metrics(model)
+    kernel = model.get_layer("d1").fixed_points["kernel"].data_scale.numpy()
+    assert metrics["scale.d1.kernel.data"] == kernel.max() and metrics["scale_min.d1.kernel.data"] == kernel.min()
+    assert metrics["dynamic.d1.activation.data.calls"] == 2.0
+    assert metrics["dynamic.d1.kernel.grad.calls"] == 2.0
+    assert {"dynamic.d2.kernel.grad.overflows", "dynamic.d2.kernel.grad.streak"} <= set(metrics)
+    params = tracking.point_params(model)
+    assert params["granularity.d1.weight.data"] == "channel"
+    assert params["granularity.d1.activation.data"] == "block/3"
+    assert params["mode.d1.activation.data"] == "dynamic/fixed"
