@@ -29,6 +29,13 @@ says itself how reproducible it is.
 
 Results go to ``benchmarks/results/train_step-<tag>.{csv,json}`` (gitignored),
 with the TensorFlow/Keras versions, thread settings and per-repetition times.
+
+Scale granularity: ``--variants quant,channel`` adds per-channel weight scales
+(``chall``: every scale per channel, ``block32``: every scale per block of 32);
+the ``vs q`` column is the median per-repetition time ratio against ``quant``
+(per-tensor scales), e.g.::
+
+    python -m benchmarks.train_step --models mlp,cnn --xla off --variants quant,channel,block32 --phases train
 """
 
 from __future__ import annotations
@@ -55,13 +62,20 @@ RESULTS = REPO / "benchmarks" / "results"
 BITS = 8
 
 
-def quant_config(gradients: bool, bits: int = BITS, not_training: str = "auto") -> dict:
-    """The layer config: weights and activations at ``bits``, gradients too if asked."""
-    data = {"bit_width": bits, "training": "auto", "not_training": not_training}
+def quant_config(gradients: bool, bits: int = BITS, not_training: str = "auto", scales: dict | None = None,
+                 weight_scales: dict | None = None) -> dict:
+    """The layer config: weights and activations at ``bits``, gradients too if asked.
+
+    ``scales``: scale fields (``granularity``, ``block_size``) for every point;
+    ``weight_scales``: for the weight data only.
+    """
+    data = {"bit_width": bits, "training": "auto", "not_training": not_training, **(scales or {})}
     point = {"data_config": dict(data)}
     if gradients:
-        point["gradient_config"] = {"bit_width": bits, "training": "auto"}
-    return {"weight": point, "activation": {k: dict(v) for k, v in point.items()}}
+        point["gradient_config"] = {"bit_width": bits, "training": "auto", **(scales or {})}
+    config = {"weight": point, "activation": {k: dict(v) for k, v in point.items()}}
+    config["weight"]["data_config"].update(weight_scales or {})
+    return config
 
 
 VARIANTS = {
@@ -71,6 +85,12 @@ VARIANTS = {
     "wa": ("W and A at 8 bits (float gradients)", quant_config(False)),
     # not in the default set: evaluation with the stored (``fixed``) scales
     "qfixed": ("as quant, but evaluation uses the stored scales", quant_config(True, not_training="fixed")),
+    # scale granularity (not in the default set): compare with quant in the "vs quant" column
+    "channel": ("as quant, weight scales per output channel",
+                quant_config(True, weight_scales={"granularity": "channel"})),
+    "chall": ("as quant, every scale per channel", quant_config(True, scales={"granularity": "channel"})),
+    "block32": ("as quant, every scale per block of 32 (MXINT8-like)",
+                quant_config(True, scales={"granularity": "block", "block_size": 32})),
 }
 
 MODELS = {
@@ -189,8 +209,11 @@ def measure(kind: str, jit: bool, variants: list[str], phases: list[str], reps: 
             q25, med, q75 = _quantiles(ratios)
             round_medians = [float(np.median(np.array(times[name][r]) / np.array(times["float"][r])))
                              for r in range(rounds)]
+            # per repetition against the per-tensor quantized model, where it runs too
+            vs_quant = (float(np.median(flat_v / np.concatenate(times["quant"])))
+                        if "quant" in times else None)
             rows.append({
-                "model": kind, "variant": name, "xla": jit, "phase": phase,
+                "model": kind, "variant": name, "xla": jit, "phase": phase, "ratio_vs_quant": vs_quant,
                 "float_ms": float(np.median(flat_f) * 1e3), "quant_ms": float(np.median(flat_v) * 1e3),
                 "ratio": med, "ratio_q25": q25, "ratio_q75": q75, "ratio_iqr": q75 - q25,
                 # fastest repetition of each: less sensitive to other load on the machine
@@ -234,12 +257,12 @@ def environment() -> dict:
 
 
 COLUMNS = ["model", "variant", "xla", "phase", "float_ms", "quant_ms", "ratio", "ratio_iqr",
-           "ratio_best", "ratio_cpu", "round_ratios", "round_spread"]
+           "ratio_best", "ratio_cpu", "round_ratios", "round_spread", "ratio_vs_quant"]
 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'model':5} {'variant':7} {'xla':3} {'phase':5} {'float ms':>9} {'quant ms':>9} "
-            f"{'ratio':>6} {'IQR':>6} {'best':>6} {'cpu':>6}  per-round medians")
+            f"{'ratio':>6} {'IQR':>6} {'best':>6} {'cpu':>6} {'vs q':>6}  per-round medians")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["variant"] == "float":
@@ -247,7 +270,8 @@ def format_table(rows: list[dict]) -> str:
         rounds = " ".join(f"{v:.3f}" for v in r["round_ratios"])
         lines.append(f"{r['model']:5} {r['variant']:7} {'on' if r['xla'] else 'off':3} {r['phase']:5} "
                      f"{r['float_ms']:9.2f} {r['quant_ms']:9.2f} {r['ratio']:6.3f} {r['ratio_iqr']:6.3f} "
-                     f"{r['ratio_best']:6.3f} {r['ratio_cpu']:6.3f}  "
+                     f"{r['ratio_best']:6.3f} {r['ratio_cpu']:6.3f} "
+                     f"{'' if r['ratio_vs_quant'] is None else format(r['ratio_vs_quant'], '.3f'):>6}  "
                      f"{rounds}")
     return "\n".join(lines)
 
@@ -303,7 +327,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn"], help="mlp,cnn,resnet20")
     parser.add_argument("--variants", type=_csv_list, default=["quant", "wa"],
-                        help="quantized variants compared with float: quant,wa (also: qfixed)")
+                        help="quantized variants compared with float: quant,wa (also: qfixed, and "
+                             "channel, chall, block32, whose 'vs q' column compares them with quant)")
     parser.add_argument("--xla", type=_csv_list, default=["off", "on"], help="off,on")
     parser.add_argument("--phases", type=_csv_list, default=["train", "eval"], help="train,eval")
     parser.add_argument("--reps", type=int, default=0,

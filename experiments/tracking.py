@@ -84,6 +84,9 @@ def point_params(model) -> dict[str, str]:
                 bits = data_bits(sub)
                 params[f"bits.{layer.name}.{quantity}.{direction}"] = "float" if sub.is_float else str(bits)
                 params[f"mode.{layer.name}.{quantity}.{direction}"] = _mode_text(sub)
+                if not sub.is_float and sub.granularity != "tensor":
+                    block = f"/{sub.block_size}" if sub.granularity == "block" else ""
+                    params[f"granularity.{layer.name}.{quantity}.{direction}"] = f"{sub.granularity}{block}"
             if quantity == "weight" and not point.storage.is_float:
                 params[f"bits.{layer.name}.weight.storage"] = str(point.storage.bit_width)
                 params[f"mode.{layer.name}.weight.storage"] = f"{point.storage.scale}/{point.storage.rounding}"
@@ -102,14 +105,31 @@ def cost_metrics(model) -> dict[str, float]:
 
 
 def scale_metrics(model) -> dict[str, float]:
-    """Scales of the quantized directions only (a float point has no meaningful scale)."""
+    """Scales of the quantized directions only (a float point has no meaningful scale).
+
+    Per-channel and per-block scales log their largest as ``scale.*`` (the
+    per-tensor scale they refine) and their smallest as ``scale_min.*``; a
+    ``dynamic`` direction also logs its counters: ``dynamic.<layer>.<variable>.<direction>.``
+    ``overflows`` (saturated elements in its last call, all groups), ``streak``
+    (the longest run of calls that fitted in half the range) and ``calls``.
+    """
     out = {}
     for point in nf.introspect.point_objects(model):
         layer, key = point.layer.name, point.key
-        if not point.config.data.is_float:
-            out[f"scale.{layer}.{key}.data"] = float(keras.ops.convert_to_numpy(point.data_scale))
-        if not point.config.gradient.is_float:
-            out[f"scale.{layer}.{key}.grad"] = float(keras.ops.convert_to_numpy(point.grad_scale))
+        for direction, config, variable, dynamic in (
+                ("data", point.config.data, point.data_scale, point.data_dynamic),
+                ("grad", point.config.gradient, point.grad_scale, point.grad_dynamic)):
+            if config.is_float:
+                continue
+            scales = keras.ops.convert_to_numpy(variable)
+            out[f"scale.{layer}.{key}.{direction}"] = float(scales.max())
+            if scales.ndim:
+                out[f"scale_min.{layer}.{key}.{direction}"] = float(scales.min())
+            if dynamic is not None:
+                name = f"dynamic.{layer}.{key}.{direction}"
+                out[f"{name}.overflows"] = float(keras.ops.convert_to_numpy(dynamic.overflows).sum())
+                out[f"{name}.streak"] = float(keras.ops.convert_to_numpy(dynamic.streak).max())
+                out[f"{name}.calls"] = float(keras.ops.convert_to_numpy(dynamic.calls))
     return out
 
 

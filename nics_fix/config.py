@@ -28,6 +28,11 @@ Fields of ``data_config``: ``bit_width`` (1..32), ``training`` and
 evaluation rounds ``stochastic`` data to nearest, so predictions are deterministic).
 ``gradient_config`` has ``bit_width``, ``training`` and ``rounding``
 (``not_training`` is accepted and ignored: no gradient flows in evaluation).
+Both also take the scale fields: ``granularity`` (``tensor`` | ``channel`` |
+``block``, default ``tensor``), ``block_size`` (for ``block``) and ``axis``
+(default: a kernel's output-channel axis, the last axis of anything else),
+and, for the ``dynamic`` mode, ``overflow_rate`` (default 1e-4) and
+``window`` (default 1): see :mod:`nics_fix.dynamic`.
 ``weight`` may also hold ``storage_config`` (``bit_width``, ``scale``,
 ``rounding``) for THDH simulation: see :mod:`nics_fix.optimizers`.
 
@@ -62,9 +67,14 @@ from nics_fix.quant import (
     ROUNDING_MODES,
 )
 
-#: A scale mode: "auto", "fixed", "none" or an integer scale.
+#: A scale mode: "auto", "fixed", "dynamic", "none" or an integer scale.
 Mode = Union[str, int]
-MODES = ("auto", "fixed", "none")
+MODES = ("auto", "fixed", "none", "dynamic")
+#: Which elements share one scale: all, those of one channel, those of one block.
+GRANULARITIES = ("tensor", "channel", "block")
+#: Defaults of the scale fields; ``to_dict`` writes a field only when it differs.
+SCALE_DEFAULTS = {"granularity": "tensor", "block_size": None, "axis": None,
+                  "overflow_rate": 1e-4, "window": 1}
 QUANTITIES = ("weight", "activation")
 
 
@@ -103,7 +113,7 @@ def _check_mode(value, path: str, source) -> Mode:
     if isinstance(value, str) and value.strip().lower() in MODES:
         return value.strip().lower()
     raise ConfigError(
-        f"mode must be one of auto, fixed, none or an integer scale, got {value!r}", path, source
+        f"mode must be one of auto, fixed, dynamic, none or an integer scale, got {value!r}", path, source
     )
 
 
@@ -147,23 +157,40 @@ def _check_keys(value: Mapping, allowed, path: str, source) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _fields_dict(bit_width, modes: dict, rounding: str) -> dict:
-    """The YAML form of a config: bit_width first, rounding only when not the default."""
+def _fields_dict(bit_width, modes: dict, rounding: str, config=None) -> dict:
+    """The YAML form of a config: bit_width first, rounding and scale fields only when not the default."""
     out = {"bit_width": bit_width} if bit_width is not None else {}
     out.update(modes)
     if rounding != "nearest":
         out["rounding"] = rounding
+    for key, default in SCALE_DEFAULTS.items():
+        value = getattr(config, key, default)
+        if value != default:
+            out[key] = value
     return out
 
 
+class _ScaleFields:
+    """The scale fields shared by data and gradient configs."""
+
+    @property
+    def is_dynamic(self) -> bool:
+        return "dynamic" in (self.training, getattr(self, "not_training", None))
+
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_ScaleFields):
     """How a forward value (weight or activation) is quantized."""
 
     bit_width: int | None = None
     training: Mode = "none"
     not_training: Mode = "none"
     rounding: str = "nearest"
+    granularity: str = "tensor"
+    block_size: int | None = None
+    axis: int | None = None
+    overflow_rate: float = 1e-4
+    window: int = 1
 
     def mode(self, training: bool) -> Mode:
         return self.training if training else self.not_training
@@ -174,16 +201,21 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return _fields_dict(self.bit_width, {"training": self.training, "not_training": self.not_training},
-                            self.rounding)
+                            self.rounding, self)
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientConfig:
+class GradientConfig(_ScaleFields):
     """How the gradient arriving at a point is quantized in the backward pass."""
 
     bit_width: int | None = None
     training: Mode = "none"
     rounding: str = "nearest"
+    granularity: str = "tensor"
+    block_size: int | None = None
+    axis: int | None = None
+    overflow_rate: float = 1e-4
+    window: int = 1
 
     def mode(self, training: bool = True) -> Mode:
         return self.training
@@ -193,7 +225,7 @@ class GradientConfig:
         return self.training == "none"
 
     def to_dict(self) -> dict:
-        return _fields_dict(self.bit_width, {"training": self.training}, self.rounding)
+        return _fields_dict(self.bit_width, {"training": self.training}, self.rounding, self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +301,8 @@ FLOAT = LayerFixedConfig()
 # merged and completed into the frozen dataclasses above.
 # ----------------------------------------------------------------------------
 
-_DATA_KEYS = ("bit_width", "training", "not_training", "rounding")
-_GRAD_KEYS = ("bit_width", "training", "not_training", "rounding")
+_DATA_KEYS = ("bit_width", "training", "not_training", "rounding") + tuple(SCALE_DEFAULTS)
+_GRAD_KEYS = ("bit_width", "training", "not_training", "rounding") + tuple(SCALE_DEFAULTS)
 _STORAGE_KEYS = ("bit_width", "scale", "rounding")
 _POINT_KEYS = ("data_config", "gradient_config", "storage_config")
 
@@ -287,7 +319,27 @@ def _parse_fields(value, keys, path, source) -> dict:
             out[key] = _check_mode(item, sub, source)
         elif key == "rounding":
             out[key] = _check_rounding(item, sub, source)
+        elif key in SCALE_DEFAULTS:
+            out[key] = _check_scale_field(key, item, sub, source)
     return out
+
+
+def _check_scale_field(key, value, path, source):
+    if key == "granularity":
+        if value not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {value!r}",
+                              path, source)
+        return value
+    if value is None and key in ("block_size", "axis"):
+        return None
+    if key == "overflow_rate":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ConfigError(f"overflow_rate must be a number in [0, 1), got {value!r}", path, source)
+        return float(value)
+    if not _is_int(value) or (key != "axis" and value < 1):
+        what = "an integer" if key == "axis" else "a positive integer"
+        raise ConfigError(f"{key} must be {what}, got {value!r}", path, source)
+    return int(value)
 
 
 def _parse_point(value, path, source, quantity) -> dict:
@@ -339,7 +391,11 @@ def _complete(fields: dict, path: str, source) -> LayerFixedConfig:
                     _join(_join(qpath, name), "bit_width"),
                     source,
                 )
-        if storage.get("scale") == "fixed":
+        for name, part in (("data_config", data), ("gradient_config", grad)):
+            if part.get("granularity") == "block" and part.get("block_size") is None:
+                raise ConfigError("granularity block needs a block_size",
+                                  _join(_join(qpath, name), "block_size"), source)
+        if storage.get("scale") in ("fixed", "dynamic"):
             raise ConfigError(
                 "storage scale must be 'auto', 'none' or an integer",
                 _join(_join(qpath, "storage_config"), "scale"),

@@ -1,7 +1,10 @@
 """Cost model of a fixed-point model: weight bits (model size) and bit-operations.
 
 Float values count as 32 bits. ``weight_bits`` sums, over every weight point,
-(number of elements) × (its data bit width); ``bops`` sums, over every
+(number of elements) × (its data bit width), plus :data:`SCALE_BITS` for each
+scale of a per-channel or per-block point (an 8-bit exponent per block of 32
+values adds 0.25 bits per weight; one scale per tensor is not counted, as
+before scales had shapes); ``bops`` sums, over every
 kernel of every layer (Dense, EinsumDense, the convolutions; both kernels of
 a SeparableConv2D; the projections of a MultiHeadAttention), MACs × (kernel
 bits) × (input activation bits) for the forward pass, and adds the two
@@ -24,6 +27,8 @@ import math
 from nics_fix.introspect import fixed_layers
 
 FLOAT_BITS = 32
+#: Bits of one stored scale (a power-of-two exponent, as MX formats store it: E8M0).
+SCALE_BITS = 8
 
 
 def data_bits(config) -> int:
@@ -31,8 +36,16 @@ def data_bits(config) -> int:
     return FLOAT_BITS if config.is_float or config.bit_width is None else int(config.bit_width)
 
 
+def scale_bits(point) -> int:
+    """Bits of a point's stored data scales: per-channel and per-block ones only."""
+    data = point.config.data
+    if data.is_float or data.granularity == "tensor":
+        return 0
+    return SCALE_BITS * math.prod(point.data_scale.shape)
+
+
 def weight_bit_table(model) -> list[dict]:
-    """One row per weight point: layer, variable, elements, bits."""
+    """One row per weight point: layer, variable, elements, bits, scale_bits."""
     rows = []
     for layer in fixed_layers(model):
         for key, point in layer.fixed_points.items():
@@ -40,14 +53,14 @@ def weight_bit_table(model) -> list[dict]:
                 continue
             size = math.prod(getattr(layer, key).shape)
             rows.append({"layer": layer.name, "variable": key, "elements": int(size),
-                         "bits": data_bits(point.config.data)})
+                         "bits": data_bits(point.config.data), "scale_bits": scale_bits(point)})
     return rows
 
 
 def cost_summary(model) -> dict:
-    """Total and average weight bits, and the mean activation bit width."""
+    """Total and average weight bits (scales included), and the mean activation bit width."""
     rows = weight_bit_table(model)
-    total = sum(r["elements"] * r["bits"] for r in rows)
+    total = sum(r["elements"] * r["bits"] + r["scale_bits"] for r in rows)
     elements = sum(r["elements"] for r in rows)
     activations = [data_bits(p.config.data) for layer in fixed_layers(model)
                    for p in layer.fixed_points.values() if p.kind == "activation"]

@@ -17,8 +17,9 @@ class PointSummary:
     kind: str  # "weight" or "activation"
     data_config: dict
     gradient_config: dict
-    data_scale: int
-    grad_scale: int
+    data_scale: int | list  # a nested list for per-channel and per-block scales
+    grad_scale: int | list
+    dynamic: dict | None = None  # {"data"/"grad": {"calls", "overflows", "streak"}} of dynamic directions
 
 
 def fixed_layers(model) -> list:

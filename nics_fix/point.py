@@ -14,8 +14,13 @@ Backward (gradient, training only), on the gradient arriving at ``y``::
     dy -> strategy.pre_<kind>_grad -> quantize -> strategy.post_<kind>_grad -> (to x)
 
 Modes: ``auto`` computes the scale from the tensor and stores it; ``fixed``
-uses the stored scale; an integer uses (and stores) that scale; ``none``
-leaves the tensor in float.
+uses the stored scale; an integer uses (and stores) that scale; ``dynamic``
+uses the stored scale and moves it after each call from that call's overflow
+counts (:mod:`nics_fix.dynamic`); ``none`` leaves the tensor in float.
+
+With ``granularity: channel`` or ``block`` the scale variables hold one scale
+per channel or per block (shapes as :class:`~nics_fix.quant.ScaleGroups`
+gives them); every mode works the same way on each of them.
 """
 
 from __future__ import annotations
@@ -24,8 +29,19 @@ import keras
 import tensorflow as tf
 
 from nics_fix.config import DataConfig, GradientConfig, PointConfig
+from nics_fix.dynamic import DynamicScale
 from nics_fix.log import logger
-from nics_fix.quant import _as_float32, _auto_format, _auto_scale_pow2, _Format, _quantize, _quantize_ste
+from nics_fix.quant import (
+    ScaleGroups,
+    _as_float32,
+    _auto_format,
+    _auto_scale_pow2,
+    _Format,
+    _grouped_auto_format,
+    _quantize,
+    _quantize_ste,
+    group_auto_scale,
+)
 from nics_fix.strategy import PointInfo, Strategy
 
 
@@ -36,25 +52,61 @@ def _initial_scale(*modes) -> int:
     return 0
 
 
+def _scale_groups(name: str, direction: str, config, shape, kind: str, default_axis: int):
+    """The :class:`ScaleGroups` of one direction of a point (None: one scale per tensor)."""
+    if config.granularity == "tensor":
+        return None
+    where = f"{name}: {direction}_config"
+    if shape is None:
+        raise ValueError(f"{where}: granularity {config.granularity} needs the tensor's shape, "
+                         "which this layer cannot tell")
+    axis = default_axis if config.axis is None else config.axis
+    block = config.block_size if config.granularity == "block" else None
+    try:
+        groups = ScaleGroups.for_tensor(shape, axis, block, shared_axes=(0,) if kind == "activation" else ())
+        scale_shape = groups.scale_shape(shape)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if None in scale_shape:
+        raise ValueError(f"{where}: block scales of shape {tuple(shape)} need static sizes "
+                         "of every axis but the batch axis")
+    return groups
+
+
 class FixedPoint:
-    """One quantization point of a layer (a weight variable or the output)."""
+    """One quantization point of a layer (a weight variable or the output).
+
+    ``shape``: the shape of the quantized tensor (batch axis None for an
+    activation), needed only for per-channel and per-block scales;
+    ``default_axis``: their axis when the config gives none (a kernel's
+    output-channel axis, else the last axis).
+    """
 
     def __init__(self, layer: keras.layers.Layer, key: str, kind: str, config: PointConfig,
-                 strategy: Strategy | None = None):
+                 strategy: Strategy | None = None, shape=None, default_axis: int = -1):
         self.layer = layer
         self.key = key  # "kernel", "bias", "gamma", "beta" or "activation"
         self.kind = kind  # "weight" or "activation"
         self.config = config
         self.strategy = strategy
         data, grad = config.data, config.gradient
+        self.data_groups = _scale_groups(self.name, "data", data, shape, kind, default_axis)
+        self.grad_groups = _scale_groups(self.name, "gradient", grad, shape, kind, default_axis)
         self.data_scale = layer.add_weight(
-            name=f"{key}_data_scale", shape=(), dtype="int32", trainable=False,
+            name=f"{key}_data_scale", shape=self._scale_shape(self.data_groups, shape), dtype="int32",
+            trainable=False,
             initializer=keras.initializers.Constant(_initial_scale(data.training, data.not_training)),
         )
         self.grad_scale = layer.add_weight(
-            name=f"{key}_grad_scale", shape=(), dtype="int32", trainable=False,
+            name=f"{key}_grad_scale", shape=self._scale_shape(self.grad_groups, shape), dtype="int32",
+            trainable=False,
             initializer=keras.initializers.Constant(_initial_scale(grad.training)),
         )
+        # Counters of the dynamic mode, only where it is used: other models keep their variables.
+        self.data_dynamic = (DynamicScale(layer, f"{key}_data", self.data_scale, self.data_groups, data)
+                             if data.is_dynamic else None)
+        self.grad_dynamic = (DynamicScale(layer, f"{key}_grad", self.grad_scale, self.grad_groups, grad)
+                             if grad.is_dynamic else None)
         self._uses_grad_hooks = strategy is not None and strategy.uses_gradients(kind)
         logger.info("point %s (%s): data %s, gradient %s%s", self.name, kind, data.to_dict(),
                     grad.to_dict(), f", strategy {strategy.get_config()}" if strategy else "")
@@ -62,6 +114,19 @@ class FixedPoint:
     @property
     def name(self) -> str:
         return f"{self.layer.name}/{self.key}"
+
+    @staticmethod
+    def _scale_shape(groups, shape) -> tuple:
+        return () if groups is None else groups.scale_shape(shape)
+
+    @property
+    def state_variables(self) -> list:
+        """Scales and dynamic counters: saved beside the layer's weights."""
+        out = [self.data_scale, self.grad_scale]
+        for dynamic in (self.data_dynamic, self.grad_dynamic):
+            if dynamic is not None:
+                out += dynamic.variables
+        return out
 
     def is_identity(self, training: bool) -> bool:
         """True when calling the point would not change the tensor or its gradient."""
@@ -90,13 +155,22 @@ class FixedPoint:
             if mode == "auto" and x.dtype == tf.float32:
                 # The scale's two reductions also tell whether any element is
                 # clipped; if none is, the backward pass skips the STE mask.
-                fmt, all_inside = _auto_format(x, data.bit_width)
+                if self.data_groups is None:
+                    fmt, all_inside = _auto_format(x, data.bit_width)
+                    stored = fmt.scale
+                else:
+                    fmt, all_inside, stored = _grouped_auto_format(x, data.bit_width, self.data_groups)
                 scale = fmt.scale
-                self.data_scale.assign(scale)
+                self.data_scale.assign(stored)
                 x = _quantize_ste(x, fmt, rounding, all_inside=all_inside)
             else:
-                scale, fmt = self._format(x, mode, data.bit_width, self.data_scale)
-                x = _quantize_ste(x, fmt, rounding)
+                stored, fmt = self._format(x, mode, data.bit_width, self.data_scale, self.data_groups,
+                                           self.data_dynamic)
+                scale = self._expanded(stored, self.data_groups)
+                quantized = _quantize_ste(x, fmt, rounding)
+                if mode == "dynamic":
+                    self.data_dynamic.update(x, stored)
+                x = quantized
         if strategy is not None:
             x = getattr(strategy, f"post_{self.kind}")(x, PointInfo(self.name, self.kind, data, scale, training))
         if training and (not self.config.gradient.is_float or self._uses_grad_hooks):
@@ -104,22 +178,48 @@ class FixedPoint:
         return x
 
     @staticmethod
-    def _format(x, mode, bit_width, variable):
-        """``(scale, format)`` for ``fixed``, ``auto`` or an integer mode; stores the scale.
+    def _expanded(scale, groups):
+        return scale if groups is None else groups.expand(scale)
 
-        ``auto`` hands the power ``2**scale`` it computed on to the quantizer;
-        an integer mode quantizes with Python constants (no scalar ops).
+    @classmethod
+    def _format(cls, x, mode, bit_width, variable, groups=None, dynamic=None):
+        """``(scales, format)`` for ``fixed``, ``auto``, ``dynamic`` or an integer mode;
+        stores the scales (``dynamic`` stores them after its update instead).
+
+        ``scales`` have the variable's shape; the format's are expanded to
+        broadcast against ``x``. Per tensor, ``auto`` hands the power
+        ``2**scale`` it computed on to the quantizer and an integer mode
+        quantizes with Python constants (no scalar ops).
         """
         if mode == "fixed":
             scale = tf.convert_to_tensor(variable)
-            return scale, _Format(bit_width, scale)
+            return scale, _Format(bit_width, cls._expanded(scale, groups))
+        if mode == "dynamic":
+            scale = dynamic.current(x)
+            return scale, _Format(bit_width, cls._expanded(scale, groups))
         if mode == "auto":
-            scale, p = _auto_scale_pow2(x)
+            if groups is None:
+                scale, p = _auto_scale_pow2(x)
+                variable.assign(scale)
+                return scale, _Format(bit_width, scale, p)
+            scale = group_auto_scale(x, groups)
             variable.assign(scale)
-            return scale, _Format(bit_width, scale, p)
-        scale = tf.constant(mode, tf.int32)
+            return scale, _Format(bit_width, groups.expand(scale))
+        scale = tf.fill(tf.shape(variable), tf.constant(mode, tf.int32))
         variable.assign(scale)
         return scale, _Format(bit_width, mode)
+
+    def evaluation_scale(self, value):
+        """The (unexpanded) scales evaluation quantizes weight ``value`` with, without storing any."""
+        data = self.config.data
+        mode = data.not_training
+        if mode == "auto":
+            return group_auto_scale(value, self.data_groups)
+        if mode == "dynamic":
+            return self.data_dynamic.current(value)
+        if mode == "fixed":
+            return tf.convert_to_tensor(self.data_scale)
+        return tf.fill(tf.shape(self.data_scale), tf.constant(mode, tf.int32))
 
     def _quantize_gradient(self, x):
         grad: GradientConfig = self.config.gradient
@@ -134,8 +234,13 @@ class FixedPoint:
                 scale = None
                 if grad.training != "none":
                     dy = _as_float32(dy)
-                    scale, fmt = self._format(dy, grad.training, grad.bit_width, self.grad_scale)
-                    dy = _quantize(dy, fmt, grad.rounding)
+                    stored, fmt = self._format(dy, grad.training, grad.bit_width, self.grad_scale,
+                                               self.grad_groups, self.grad_dynamic)
+                    scale = self._expanded(stored, self.grad_groups)
+                    quantized = _quantize(dy, fmt, grad.rounding)
+                    if grad.training == "dynamic":
+                        self.grad_dynamic.update(dy, stored)
+                    dy = quantized
                 if strategy is not None:
                     dy = getattr(strategy, f"post_{kind}_grad")(dy, PointInfo(name, kind, grad, scale, True))
                 return dy
@@ -145,7 +250,14 @@ class FixedPoint:
         return gradient_point(x)
 
     def describe(self) -> dict:
-        """Name, kind, configs and current scales (as Python values)."""
+        """Name, kind, configs and current scales (as Python values: lists when shaped),
+        and the counters of ``dynamic`` directions."""
+        def value(variable):
+            out = keras.ops.convert_to_numpy(variable)
+            return int(out) if out.ndim == 0 else out.tolist()
+
+        dynamic = {direction: state.describe() for direction, state in
+                   (("data", self.data_dynamic), ("grad", self.grad_dynamic)) if state is not None}
         return {
             "name": self.name,
             "layer": self.layer.name,
@@ -153,6 +265,7 @@ class FixedPoint:
             "kind": self.kind,
             "data_config": self.config.data.to_dict(),
             "gradient_config": self.config.gradient.to_dict(),
-            "data_scale": int(keras.ops.convert_to_numpy(self.data_scale)),
-            "grad_scale": int(keras.ops.convert_to_numpy(self.grad_scale)),
+            "data_scale": value(self.data_scale),
+            "grad_scale": value(self.grad_scale),
+            "dynamic": dynamic or None,
         }

@@ -14,8 +14,9 @@ of; nothing else rounds. The functions are pure: they read no variables and
 write none, so they can be tested against a NumPy reference bit for bit.
 
 Speed, never at the cost of a value (``benchmarks/quant_exactness.py`` checks
-every path bit for bit): round-to-nearest runs as one fused TensorFlow CPU
-kernel; an auto scale costs two read-only reductions, which also tell the
+every path bit for bit): round-to-nearest with one scale per tensor runs as
+one fused TensorFlow CPU kernel (per-channel and per-block scales take the
+plain ops); an auto scale costs two read-only reductions, which also tell the
 backward pass when the straight-through mask is all ones; under XLA
 (``jit_compile=True``) plain ops are used and XLA fuses them.
 
@@ -150,16 +151,148 @@ def _auto_format(x, bit_width: int):
     return fmt, tf.logical_and(x_max <= fmt.high, x_min >= fmt.low)
 
 
-def auto_scale(x) -> tf.Tensor:
-    """``ceil(log2(max|x|))`` over the finite values of ``x``, as an int32 scalar.
+class ScaleGroups:
+    """Which elements of a tensor share one scale: per slice or per block along ``axis``.
+
+    * ``block_size=None`` (per channel): one scale per index along ``axis``,
+      shared by all the other axes; the scales have ``x``'s rank with 1
+      everywhere but ``axis``, so they broadcast against ``x``.
+    * ``block_size=k``: one scale per run of ``k`` consecutive elements along
+      ``axis`` (the last run may be shorter), separately for every position of
+      the other axes except ``shared_axes`` (their positions share the scale:
+      the batch axis of activations and gradients, whose size changes from
+      call to call). The scales have ``x``'s shape with ``ceil(n/k)`` along
+      ``axis`` and 1 along ``shared_axes``; :meth:`expand` repeats them to
+      broadcast against ``x``.
+
+    ``axis`` is non-negative and ``n`` is ``x.shape[axis]`` (static).
+    """
+
+    def __init__(self, axis: int, n: int, block_size: int | None = None, shared_axes=()):
+        self.axis, self.n = int(axis), int(n)
+        self.block_size = None if block_size is None else int(block_size)
+        self.shared_axes = tuple(int(a) for a in shared_axes)
+        self.blocks = self.n if self.block_size is None else -(-self.n // self.block_size)
+
+    @classmethod
+    def for_tensor(cls, shape, axis, block_size=None, shared_axes=()) -> "ScaleGroups":
+        """Groups for tensors of ``shape``; ``ValueError`` on an axis or block size that cannot work."""
+        shape = tuple(shape)
+        rank = len(shape)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -rank <= axis < rank:
+            raise ValueError(f"axis must be an integer from {-rank} to {rank - 1} for a tensor of "
+                             f"shape {shape}, got {axis!r}")
+        axis = int(axis) % rank
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if shape[axis] is None:
+            raise ValueError(f"axis {axis} of shape {shape} has no static size: scales along it need one")
+        if axis in shared_axes:
+            raise ValueError(f"axis {axis} is the batch axis: scales cannot run along it")
+        return cls(axis, shape[axis], block_size, shared_axes)
+
+    def scale_shape(self, shape) -> tuple:
+        """Shape of the scales of a tensor of ``shape`` (its shared axes as 1)."""
+        if self.block_size is None:
+            return tuple(self.n if i == self.axis else 1 for i in range(len(shape)))
+        return tuple(self.blocks if i == self.axis else 1 if i in self.shared_axes else d
+                     for i, d in enumerate(shape))
+
+    def reduce(self, x, op, pad_value):
+        """``op`` (``tf.reduce_max``/``min``/``sum``) over each group, in the scales' shape.
+
+        A ragged last block is padded with ``pad_value`` (neutral for ``op``).
+        """
+        rank = x.shape.rank
+        if self.block_size is None:
+            return op(x, axis=[i for i in range(rank) if i != self.axis], keepdims=True)
+        b, axis = self.block_size, self.axis
+        padded = self.blocks * b
+        if padded != self.n:
+            pads = [[0, 0]] * rank
+            pads[axis] = [0, padded - self.n]
+            x = tf.pad(x, pads, constant_values=pad_value)
+        shape = tf.shape(x)
+        x = tf.reshape(x, tf.concat([shape[:axis], [self.blocks, b], shape[axis + 1:]], 0))
+        out = op(x, axis=axis + 1)
+        return op(out, axis=list(self.shared_axes), keepdims=True) if self.shared_axes else out
+
+    def expand(self, scales):
+        """Scales (or anything of their shape) repeated so that they broadcast against ``x``."""
+        if self.block_size is None or self.block_size == 1:
+            return scales
+        return tf.gather(scales, np.arange(self.n) // self.block_size, axis=self.axis)
+
+    def __repr__(self) -> str:
+        return (f"ScaleGroups(axis={self.axis}, n={self.n}, block_size={self.block_size}, "
+                f"shared_axes={self.shared_axes})")
+
+
+def _group_abs_max_finite(x, groups: ScaleGroups):
+    """Per group: ``(m, (max(x), min(x)))`` as :func:`_abs_max_finite` computes them per tensor."""
+    hi = groups.reduce(x, tf.reduce_max, -np.inf)
+    lo = groups.reduce(x, tf.reduce_min, np.inf)
+    m = tf.maximum(hi, -lo)
+
+    def finite_max():
+        return groups.reduce(tf.where(tf.math.is_finite(x), tf.abs(x), tf.zeros([], x.dtype)),
+                             tf.reduce_max, 0.0)
+
+    if _in_xla_context():
+        return finite_max(), (hi, lo)
+    return tf.cond(tf.reduce_all(tf.math.is_finite(m)), lambda: m, finite_max), (hi, lo)
+
+
+def _grouped_auto_format(x, bit_width: int, groups: ScaleGroups):
+    """For float32 ``x``: ``(format with the per-group auto scales expanded, all_inside, scales)``."""
+    m, (x_max, x_min) = _group_abs_max_finite(x, groups)
+    scale, p = _pow2_ceil(m)
+    own = _Format(bit_width, scale, p)
+    all_inside = tf.reduce_all(tf.logical_and(x_max <= own.high, x_min >= own.low))
+    return _Format(bit_width, groups.expand(scale), groups.expand(p)), all_inside, scale
+
+
+def _groups_for(x, axis, block_size) -> ScaleGroups | None:
+    if axis is None:
+        if block_size is not None:
+            raise ValueError("block_size needs an axis: blocks run along one axis")
+        return None
+    return ScaleGroups.for_tensor(x.shape, axis, block_size)
+
+
+def auto_scale(x, axis=None, block_size=None) -> tf.Tensor:
+    """``ceil(log2(max|x|))`` over the finite values of ``x`` (int32): per tensor,
+    per slice along ``axis`` or per block of ``block_size`` elements along ``axis``.
 
     Computed from the float32 exponent bits, so it is exact (``log(m)/log(2)``
     in float32 can land one above an exact power of two). Inf and NaN are
     ignored; an all-zero tensor (or one with no finite value) gets
     :data:`MIN_SCALE`; the result is always clamped to
     ``[MIN_SCALE, MAX_SCALE]``, so it is never NaN or infinite.
+
+    Shapes (see :class:`ScaleGroups`): a scalar by default; with ``axis`` only,
+    ``x``'s rank with 1 everywhere but ``axis`` (one scale per slice); with
+    ``block_size`` too, ``x``'s shape with ``ceil(n / block_size)`` along
+    ``axis``. Pass the same ``axis``/``block_size`` to
+    :func:`fixed_point_quantize` to quantize with block scales.
+
+    >>> auto_scale(np.float32([[0.3, 5.0], [-1.2, 0.1]]), axis=1).numpy().tolist()
+    [[1, 3]]
+    >>> auto_scale(np.float32([0.3, 5.0, -1.2]), axis=0, block_size=2).numpy().tolist()
+    [3, 1]
     """
-    return _auto_scale_pow2(x)[0]
+    if axis is None and block_size is None:
+        return _auto_scale_pow2(x)[0]
+    x = _as_float32(x)
+    return group_auto_scale(x, _groups_for(x, axis, block_size))
+
+
+def group_auto_scale(x, groups: ScaleGroups | None) -> tf.Tensor:
+    """:func:`auto_scale` per group of ``groups`` (one scale for ``None``), in the scales' shape."""
+    if groups is None:
+        return _auto_scale_pow2(x)[0]
+    return _pow2_ceil(_group_abs_max_finite(_as_float32(x), groups)[0])[0]
 
 
 def quantization_step(bit_width: int, scale) -> tf.Tensor:
@@ -251,11 +384,23 @@ class _Format:
         return pow2(step_exp), pow2(-step_exp)
 
 
+def _one_range(fmt: _Format) -> bool:
+    """True when ``fmt`` has one range for the whole tensor (its ends hold one value)."""
+    return isinstance(fmt.low, float) or fmt.low.shape.num_elements() == 1
+
+
 def _quantize(x, fmt: _Format, rounding: str, seed=None):
     """:func:`fixed_point_quantize` of float32 ``x`` in the format ``fmt``."""
-    if rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _fused_kernel_allowed():
+    # Per-channel and per-block formats take the plain ops: TensorFlow's
+    # per-channel fused kernel (QuantizeAndDequantizeV3 with an axis) measured
+    # slower than them in a training step.
+    if (rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _one_range(fmt)
+            and _fused_kernel_allowed()):
+        low, high = fmt.low, fmt.high
+        if not isinstance(low, float) and low.shape.rank:
+            low, high = tf.reshape(low, []), tf.reshape(high, [])
         y = tf.raw_ops.QuantizeAndDequantizeV2(
-            input=x, input_min=fmt.low, input_max=fmt.high, signed_input=True,
+            input=x, input_min=low, input_max=high, signed_input=True,
             num_bits=fmt.bit_width, range_given=True, round_mode="HALF_TO_EVEN", narrow_range=False)
         # Like tf.round, the fused kernel must not pass gradients (its registered
         # gradient is the identity): use quantize_ste for the straight-through one.
@@ -275,14 +420,20 @@ def _quantize(x, fmt: _Format, rounding: str, seed=None):
     return tf.clip_by_value(q * step, fmt.low, fmt.high)
 
 
-def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=None) -> tf.Tensor:
+def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=None,
+                         axis=None, block_size=None) -> tf.Tensor:
     """Quantize ``x`` to ``bit_width``-bit fixed point with power-of-two ``scale``.
 
     Args:
         x: tensor or NumPy array; computed in float32.
         bit_width: 1..32, sign bit included (a Python int).
         scale: integer scale ``s`` (Python int or int tensor); range is
-            ``[-2**s, 2**s - step]``.
+            ``[-2**s, 2**s - step]``. A tensor of scales that broadcasts
+            against ``x`` gives each element its own format (per channel:
+            what ``auto_scale(x, axis)`` returns).
+        axis, block_size: given together, ``scale`` holds one scale per block
+            of ``block_size`` elements along ``axis``, as
+            ``auto_scale(x, axis, block_size)`` returns them.
         rounding: ``"nearest"`` (ties to even, as ``tf.round``/``np.rint``),
             ``"floor"`` (toward -inf, i.e. dropping low bits) or
             ``"stochastic"`` (up with probability equal to the fraction).
@@ -297,7 +448,31 @@ def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=No
     models.
     """
     check_rounding(rounding)
-    return _quantize(_as_float32(x), _Format(bit_width, scale), rounding, seed)
+    x = _as_float32(x)
+    return _quantize(x, _Format(bit_width, _scale_against(x, scale, axis, block_size)), rounding, seed)
+
+
+def _scale_against(x, scale, axis, block_size):
+    """``scale`` ready to broadcast against ``x`` (block scales expanded); checks the shapes."""
+    if isinstance(scale, numbers.Integral) and block_size is None:
+        return scale
+    scale = tf.convert_to_tensor(scale)
+    if block_size is not None:
+        groups = _groups_for(x, axis, block_size)
+        want = groups.scale_shape(x.shape)
+        if scale.shape.rank != len(want) or scale.shape[groups.axis] != groups.blocks:
+            raise ValueError(f"block scales for shape {tuple(x.shape)} along axis {groups.axis} in "
+                             f"blocks of {block_size} need shape {want}, got {tuple(scale.shape)}")
+        return groups.expand(scale)
+    if axis is not None:
+        raise ValueError("axis is only needed with block_size; per-channel scales broadcast as they are")
+    try:
+        if tf.broadcast_static_shape(x.shape, scale.shape) != x.shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast against x of "
+                         f"shape {tuple(x.shape)}") from None
+    return scale
 
 
 def representable_range(bit_width: int, scale):
@@ -352,6 +527,7 @@ __all__ = [
     "MIN_BIT_WIDTH",
     "MIN_SCALE",
     "ROUNDING_MODES",
+    "ScaleGroups",
     "auto_scale",
     "fixed_point_quantize",
     "quantization_step",

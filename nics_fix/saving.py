@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from nics_fix.config import LayerFixedConfig, layer_configs_to_fixed_config
-from nics_fix.quant import auto_scale, fixed_point_quantize
+from nics_fix.quant import fixed_point_quantize
 from nics_fix.scope import FixedScope
 
 FORMAT_VERSION = 1
@@ -59,20 +59,19 @@ def _variables(layers) -> dict:
     return out
 
 
-def eval_weight(point) -> tuple[np.ndarray, int | None]:
-    """The value a weight point feeds the layer in evaluation, and its scale."""
+def eval_weight(point) -> tuple[np.ndarray, int | np.ndarray | None]:
+    """The value a weight point feeds the layer in evaluation, and its scale
+    (an int, or an int32 array for per-channel and per-block scales)."""
     value = keras.ops.convert_to_tensor(getattr(point.layer, point.key))
     data = point.config.data
-    mode = data.not_training
-    if mode == "none":
+    if data.not_training == "none":
         return keras.ops.convert_to_numpy(value), None
-    if mode == "auto":
-        scale = int(auto_scale(value))
-    elif mode == "fixed":
-        scale = int(keras.ops.convert_to_numpy(point.data_scale))
-    else:
-        scale = int(mode)
-    return fixed_point_quantize(value, data.bit_width, scale, data.rounding).numpy(), scale
+    scale = point.evaluation_scale(value)
+    groups = point.data_groups
+    quantized = fixed_point_quantize(value, data.bit_width, scale if groups is None else groups.expand(scale),
+                                     data.rounding).numpy()
+    scale = keras.ops.convert_to_numpy(scale).astype(np.int32)
+    return quantized, int(scale) if scale.ndim == 0 else scale
 
 
 class FixedModelSaver:
@@ -97,7 +96,7 @@ class FixedModelSaver:
                     arrays[f"{layer.name}/{point.key}"] = value
                     if scale is not None:
                         arrays[f"{layer.name}/{point.key}_data_scale"] = np.asarray(scale, np.int32)
-                        entry["data_scale"] = scale
+                        entry["data_scale"] = scale if isinstance(scale, int) else scale.tolist()
                         entry["eval_mode"] = "fixed"  # the stored value is already on its grid
                 points.append(entry)
         configs = {layer.name: layer.fixed_config for layer in fixed_layers_of(layers)}

@@ -114,7 +114,7 @@ def test_broken_fixed_and_strategy_files_in_a_config_dir(tmp_path, store, capsys
               "bit_width must be from 1 to 32, got 40")
     one_error(*train("fixed=typo_key"), "typo_key.yaml", "by_type.Dense.wieght", "unknown key")
     one_error(*train("fixed=bad_mode"), "by_name.dense1.weight.data_config.training", "sometimes",
-              "auto, fixed, none or an integer scale")
+              "auto, fixed, dynamic, none or an integer scale")
     one_error(*train("fixed=unknown_name"), "by_type.Dense", "fix8")
     one_error(*train("strategy=bad_noise"), f"strategy=bad_noise ({conf}/strategy/bad_noise.yaml)",
               "by_type.Dense.weight.gradient_config.post.type", "none, uniform, uniform_ratio", "'gaussian'")

@@ -364,7 +364,7 @@ MALFORMED = {
     "mode automatic": (
         "by_type:\n  Dense:\n    activation: {data_config: {bit_width: 8, training: automatic}}\n",
         "by_type.Dense.activation.data_config.training",
-        ["mode must be one of auto, fixed, none or an integer scale, got 'automatic'"]),
+        ["mode must be one of auto, fixed, dynamic, none or an integer scale, got 'automatic'"]),
     "mode 3.5": (
         "by_type:\n  Dense:\n    activation: {data_config: {bit_width: 8, not_training: 3.5}}\n",
         "by_type.Dense.activation.data_config.not_training", ["got 3.5"]),

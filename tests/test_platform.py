@@ -136,7 +136,7 @@ def test_cli_multirun_logs_one_run_per_job_and_cli_errors_are_one_line(tmp_path)
     assert "Traceback" not in bad.stderr
     assert ("error: fixed=w8a8 (conf/fixed/w8a8.yaml) with +fixed.by_name.dense1.weight.data_config.training="
             "sometimes: by_name.dense1.weight.data_config.training: "
-            "mode must be one of auto, fixed, none or an integer scale, got 'sometimes'") in bad.stderr
+            "mode must be one of auto, fixed, dynamic, none or an integer scale, got 'sometimes'") in bad.stderr
 
 
 @pytest.mark.parametrize("name, shape, first, last", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 
 import keras
+import numpy as np
 
 from nics_fix.config import LayerFixedConfig
 from nics_fix.point import FixedPoint
@@ -124,11 +125,27 @@ class FixedLayer(ScopedLayer):
         super().build(input_shape)
         strategy = build_strategy(self._nf_strategy_config)
         for key in self.fixed_weights:
-            if getattr(self, key, None) is not None:
-                self._nf_points[key] = FixedPoint(self, key, "weight", self._nf_config.weight, strategy)
+            variable = getattr(self, key, None)
+            if variable is not None:
+                self._nf_points[key] = FixedPoint(self, key, "weight", self._nf_config.weight, strategy,
+                                                  shape=tuple(variable.shape),
+                                                  default_axis=self._nf_channel_axis(key, variable))
         if self.quantize_output:
+            config = self._nf_config.activation
+            shape = None
+            if config.data.granularity != "tensor" or config.gradient.granularity != "tensor":
+                shape = tuple(self.compute_output_shape(input_shape))
             self._nf_points["activation"] = FixedPoint(
-                self, "activation", "activation", self._nf_config.activation, strategy)
+                self, "activation", "activation", config, strategy, shape=shape)
+
+    def _nf_channel_axis(self, key: str, variable) -> int:
+        """The output-channel axis of weight ``key``: the last one, but a depthwise
+        kernel ``(kh, kw, in, multiplier)`` has one output channel per input channel
+        and multiplier, and the input channel is the axis that tells them apart
+        (exactly so for multiplier 1)."""
+        if key == "kernel" and isinstance(self, keras.layers.DepthwiseConv2D) and len(variable.shape) == 4:
+            return -2
+        return -1
 
     def call(self, inputs, training=None, **kwargs):
         training = _as_training_flag(training)
@@ -152,7 +169,7 @@ class FixedLayer(ScopedLayer):
     _SCALE_KEY = "nics_fix_"
 
     def _nf_scale_variables(self) -> list:
-        return [v for p in self._nf_points.values() for v in (p.data_scale, p.grad_scale)]
+        return [v for p in self._nf_points.values() for v in p.state_variables]
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
@@ -182,7 +199,14 @@ class FixedLayer(ScopedLayer):
         scales = {self._SCALE_KEY + v.name: v for v in self._nf_scale_variables()}
         for key in ours:
             if key in scales:
-                scales[key].assign(store[key])
+                saved, variable = store[key], scales[key]
+                if tuple(saved.shape) != tuple(variable.shape):
+                    if saved.size != 1:
+                        raise ValueError(f"{self.name}: saved {key[len(self._SCALE_KEY):]} has shape "
+                                         f"{tuple(saved.shape)}, the layer's has {tuple(variable.shape)} "
+                                         "(a different granularity or axis)")
+                    saved = np.full(variable.shape, np.asarray(saved).reshape(()), np.int32)  # one scale for all
+                variable.assign(saved)
 
     def get_config(self):
         config = super().get_config()
