@@ -14,6 +14,7 @@ import inspect
 import keras
 
 from nics_fix.config import LayerFixedConfig
+from nics_fix.layer_types import register_layer_type
 from nics_fix.point import FixedPoint
 from nics_fix.scope import apply_default_kwargs, resolve_for_layer
 from nics_fix.strategy import build_strategy
@@ -36,7 +37,19 @@ def _as_training_flag(training) -> bool:
 
 
 class ScopedLayer:
-    """Mixin: constructor defaults from :func:`nics_fix.kwargs_scope`."""
+    """Mixin: constructor defaults from :func:`nics_fix.kwargs_scope`.
+
+    Every layer class built on it registers its name as a valid ``by_type`` key
+    of fixed and strategy configs (:mod:`nics_fix.layer_types`).
+    """
+
+    #: Whether the layers have quantization points (a config's by_type entry can act on them).
+    has_fixed_points = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if any(base.__module__.startswith("keras") for base in cls.__mro__):  # not a mixin
+            register_layer_type(cls.__name__, cls.has_fixed_points)
 
     def __init__(self, *args, **kwargs):
         keras_cls = _keras_base(type(self))
@@ -93,6 +106,7 @@ class FixedLayer(ScopedLayer):
 
     fixed_weights: tuple[str, ...] = ()
     quantize_output = True
+    has_fixed_points = True
 
     def __init__(self, *args, fixed_config=None, strategy_config=None, **kwargs):
         super().__init__(*args, **kwargs)
