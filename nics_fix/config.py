@@ -558,6 +558,8 @@ def read_yaml_file(path) -> Any:
             text = handle.read()
     except OSError as err:
         raise ConfigError(f"cannot read file: {err.strerror or err}", "", path) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte {err.start})", "", path) from None
     return load_yaml(text, path)
 
 
