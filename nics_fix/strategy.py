@@ -341,7 +341,8 @@ def _build_entry(entry, path, source) -> list[dict]:
             name, defaults = _FORMER_NAMES[name]
             logger.info("%s%s: strategy %r read as %s", f"{source}: " if source else "", _join(ipath, "name"),
                         item["name"], name)
-            item = {"name": name, **defaults, **{k: v for k, v in item.items() if k != "name"}}
+            given = {k: v for k, v in item.items() if k != "name"}
+            item = {"name": name, **given, **{k: v for k, v in defaults.items() if k not in given}}
         if name not in _REGISTRY or name == StrategyChain.name:
             raise ConfigError(
                 f"unknown strategy {name!r}; registered strategies: {', '.join(registered_strategies())}",
