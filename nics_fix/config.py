@@ -490,8 +490,8 @@ def _to_plain(value):
     return value
 
 
-def canonical_by_type(section: Mapping, source: str | None = None) -> dict:
-    """A ``by_type`` section with every key as the layer class it names.
+def canonical_by_type(section: Mapping, source: str | None = None, label: str = "by_type") -> dict:
+    """A ``by_type`` section (at key path ``label``) with every key as the layer class it names.
 
     A key spelled as the original framework did (``Conv2d``, ``BN``) is renamed,
     with one info line; a key that names no layer class, or two keys that name
@@ -501,7 +501,7 @@ def canonical_by_type(section: Mapping, source: str | None = None) -> dict:
     out: dict = {}
     given: dict[str, str] = {}
     for key, entry in section.items():
-        path = _join("by_type", key)
+        path = _join(label, key)
         try:
             name, renamed = lookup_layer_type(key)
         except LookupError as err:
@@ -509,7 +509,7 @@ def canonical_by_type(section: Mapping, source: str | None = None) -> dict:
         if renamed:
             logger.info("%s%s: read as %s (%s)", f"{source}: " if source else "", path, name, renamed)
         if name in out:
-            raise ConfigError(f"by_type.{given[name]} and by_type.{key} both name the layer class {name}",
+            raise ConfigError(f"{_join(label, given[name])} and {path} both name the layer class {name}",
                               path, source)
         if layer_types().get(name) is False:
             logger.warning("%s%s: %s layers have no quantization points; this entry changes nothing",

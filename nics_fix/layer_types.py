@@ -59,9 +59,10 @@ def lookup_layer_type(name: str) -> tuple[str, str | None]:
         return target, f"{name!r} is another name of {target}"
     spellings = {n.lower(): n for n in list(_LAYER_TYPES) + [a for a, t in FORMER_NAMES.items() if t in _LAYER_TYPES]}
     found = spellings.get(name.lower())
+    if found in FORMER_NAMES:
+        return FORMER_NAMES[found], f"{name!r} is another name of {FORMER_NAMES[found]}"
     if found is not None:
-        target = FORMER_NAMES.get(found, found)
-        return target, f"{name!r} differs from the class {target} only in case"
+        return found, f"{name!r} differs from the class {found} only in case"
     close = difflib.get_close_matches(name.lower(), list(spellings), n=1, cutoff=0.6)
     hint = f"did you mean {FORMER_NAMES.get(spellings[close[0]], spellings[close[0]])!r}? " if close else ""
     quantized = sorted(n for n, points in _LAYER_TYPES.items() if points)

@@ -79,7 +79,7 @@ class wrap:  # noqa: N801 - lower case: it reads as a function call in the chain
             try:
                 cls = getattr(layers, lookup_layer_type(name)[0], None)
             except LookupError as err:
-                raise AttributeError(str(err)) from None
+                raise AttributeError(f"nics_fix.layers has no layer {name!r}: {err}") from None
         if not (isinstance(cls, type) and name[:1].isupper()):
             raise AttributeError(f"nics_fix.layers has no layer {name!r}")
 

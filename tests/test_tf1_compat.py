@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-import shutil
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -26,7 +24,7 @@ from experiments.config_files import file_choices, load_config_files
 from nics_fix.config import DataConfig, GradientConfig, LayerFixedConfig, PointConfig, load_yaml
 from nics_fix.strategy import PointInfo
 from tests.conftest import REPO, shared_data_dir
-from tests.test_bad_input import CHEAP, one_error, run_main
+from tests.test_bad_input import CHEAP, one_error, run_main, store  # noqa: F401 - store: a fixture
 
 # The original's config_fix_wag.yaml.sample (trailing blanks after `data_config:` included).
 ORIGINAL_WAG = """by_type:
@@ -254,6 +252,16 @@ def test_a_by_type_key_naming_no_class_is_an_error_naming_the_closest(parse):
         parse("by_type:\n  Wibble: {}\n")
 
 
+def test_thdh_format_rules_take_the_same_class_names():
+    from nics_fix.optimizers import FormatRules
+
+    rules = FormatRules({"by_type": {"dense": {"bit_width": 16, "scale": 4}}})
+    assert rules.resolve("dense1", "Dense", "kernel").to_dict() == {"bit_width": 16, "scale": 4, "rounding": "nearest"}
+    with pytest.raises(nf.ConfigError, match=r"^update_config.by_type.Dens: no nics_fix layer class 'Dens'; did you "
+                                             r"mean 'Dense'"):
+        FormatRules({"by_type": {"Dens": {"bit_width": 16, "scale": 4}}})
+
+
 def test_new_layer_classes_join_the_valid_names_and_passthrough_entries_warn(caplog):
     class CompatProbeDense(nf.layers.FixedLayer, keras.layers.Dense):
         fixed_weights = ("kernel", "bias")
@@ -309,14 +317,6 @@ def test_load_config_files_parses_checks_and_is_idempotent(tmp_path, monkeypatch
     (tmp_path / "binary.yaml").write_bytes(b"by_type: \xff\xfe\n")
     with pytest.raises(nf.ConfigError, match=rf"^{tmp_path}/binary.yaml: not UTF-8 text"):
         load_config_files({"fixed_file": "binary.yaml"})
-
-
-@pytest.fixture
-def store(tmp_path, mlflow_template):
-    db = tmp_path / "mlflow.db"
-    shutil.copy(mlflow_template, db)
-    yield f"sqlite:///{db}"
-    mlflow.set_tracking_uri(None)
 
 
 def only_run(uri):
