@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 import nics_fix as nf
 from experiments.config_files import file_choices, load_config_files
+from experiments.evaluation import run_eval
 from nics_fix.config import DataConfig, GradientConfig, LayerFixedConfig, PointConfig, load_yaml
 from nics_fix.strategy import PointInfo
 from tests.conftest import REPO, shared_data_dir
@@ -337,7 +338,7 @@ def test_train_job_takes_the_users_own_files_and_records_them(tmp_path, store, c
     wag.write_text(ORIGINAL_WAG)
     gen.write_text(ORIGINAL_GENERATED_MLP)
     code, err = run_main("experiments.train", f"fixed_file={wag}", f"strategy_file={gen}", *CHEAP,
-                         f"mlflow.tracking_uri={store}", tmp_path=tmp_path, capsys=capsys)
+                         "trainer.save_model=true", f"mlflow.tracking_uri={store}", tmp_path=tmp_path, capsys=capsys)
     assert code == 0, err
     client, run = only_run(store)
     params = run.data.params
@@ -353,6 +354,11 @@ def test_train_job_takes_the_users_own_files_and_records_them(tmp_path, store, c
     assert params["strategy.by_name.dense1"] == '[{"name": "gradient_buffer_strategy", "bit_width": 24, "scale": 3}]'
     assert artifact_text(client, run, "config/fixed_file/config_fix_wag.yaml.sample", tmp_path) == ORIGINAL_WAG
     assert artifact_text(client, run, "config/strategy_file/strategy.yaml", tmp_path) == ORIGINAL_GENERATED_MLP
+    # The saved model carries the configs read from the files: evaluating it needs neither file.
+    wag.unlink()
+    gen.unlink()
+    evaluated = run_eval({"run_id": run.info.run_id, "mlflow": {"tracking_uri": store}, "log_to": "none"})
+    assert evaluated["reproduced"] is True
 
 
 @pytest.mark.slow
