@@ -61,26 +61,28 @@ def load_config_files(cfg: Mapping) -> dict:
 
 
 def file_choices(cfg: Mapping, choices: Mapping) -> dict:
-    """Hydra's ``choices`` with a file's name for each group taken from a file (before or after loading),
-    so run names and ``choice.*`` params say where the group came from."""
+    """Hydra's ``choices`` with the file's name for each group ``cfg`` names a file for (before
+    loading), so run names and ``choice.*`` params say where the group came from."""
     out = dict(choices)
     for group, key in FILE_KEYS.items():
-        path = cfg.get(key) or (cfg.get("config_files") or {}).get(group)
-        if path:
-            out[group] = Path(str(path)).name
+        if cfg.get(key):
+            out[group] = Path(str(cfg[key])).name
     return out
 
 
 def outside_conf(cfg: Mapping, choices: Mapping, file_of: Callable[[str, str], str]) -> dict[str, str]:
     """``{group: path}`` of the fixed/strategy files this run came from that are not in ``conf/``.
 
+    A loaded file counts where ``choices`` still name it (:func:`file_choices`):
+    a search's trials and float reference replace the group and say so.
     ``file_of(group, choice)`` is where Hydra found a group's choice (a file
     from a ``hydra.searchpath`` folder is outside ``conf/``).
     """
-    files = dict(cfg.get("config_files") or {})
+    loaded = cfg.get("config_files") or {}
+    files = {group: path for group, path in loaded.items() if choices.get(group) == Path(path).name}
     for group in FILE_KEYS:
         choice = choices.get(group)
-        if group in files or not choice:
+        if group in loaded or not choice:
             continue
         path = Path(file_of(group, choice))
         if path.is_absolute() and path.is_file() and not path.resolve().is_relative_to(CONF_DIR):

@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import nics_fix as nf
-from experiments.config_files import file_choices, load_config_files
+from experiments.config_files import file_choices, load_config_files, outside_conf
 from experiments.evaluation import run_eval
 from nics_fix.config import DataConfig, GradientConfig, LayerFixedConfig, PointConfig, load_yaml
 from nics_fix.strategy import PointInfo
@@ -308,8 +308,12 @@ def test_load_config_files_parses_checks_and_is_idempotent(tmp_path, monkeypatch
         "dense2": [{"name": "gradient_buffer_strategy", "bit_width": 24, "scale": 5}]}}
     assert loaded["config_files"] == {"fixed": str(tmp_path / "wag.yaml.sample"), "strategy": str(tmp_path / "gen.yaml")}
     assert loaded["fixed_file"] is None and load_config_files(loaded) == loaded
-    assert file_choices(cfg, {"fixed": "float", "model": "mlp"}) == file_choices(loaded, {"fixed": "float", "model": "mlp"}) \
-        == {"fixed": "wag.yaml.sample", "strategy": "gen.yaml", "model": "mlp"}
+    assert file_choices(cfg, {"fixed": "float", "model": "mlp"}) == {"fixed": "wag.yaml.sample", "strategy": "gen.yaml",
+                                                                     "model": "mlp"}
+    # Loaded (a search's trials): the caller's choices stand, and a replaced group is not the file's.
+    assert file_choices(loaded, {"fixed": "searched"}) == {"fixed": "searched"}
+    assert outside_conf(loaded, {"fixed": "searched", "strategy": "gen.yaml"}, lambda *_: "conf/x.yaml") == {
+        "strategy": str(tmp_path / "gen.yaml")}
 
     with pytest.raises(nf.ConfigError, match=r"^fixed_file: nope.yaml: no such file \(relative paths start from "):
         load_config_files({"fixed_file": "nope.yaml"})
@@ -373,6 +377,27 @@ def test_hydra_searchpath_finds_the_users_file_by_name_and_records_it(tmp_path, 
     assert run.data.params["fixed_file"] == str(mine) and run.data.params["choice.fixed"] == "wag_sample"
     assert run.data.params["bits.dense1.weight.data"] == "2"
     assert artifact_text(client, run, "config/fixed_file/wag_sample.yaml", tmp_path) == ORIGINAL_WAG
+
+
+@pytest.mark.slow
+def test_a_search_takes_the_users_file_as_its_base(tmp_path, store, capsys):
+    wag = tmp_path / "config_fix_wag.yaml.sample"
+    wag.write_text(ORIGINAL_WAG)
+    code, err = run_main("experiments.search", f"fixed_file={wag}", *CHEAP, f"mlflow.tracking_uri={store}",
+                         "search.n_trials=1", "search.storage=sqlite:///" + str(tmp_path / "o.db"),
+                         tmp_path=tmp_path, capsys=capsys)
+    assert code == 0, err
+    client = MlflowClient(store)
+    runs = {r.data.tags["nics_fix.role"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("nics_fix").experiment_id])}
+    assert runs["search"].data.params["choice.fixed"] == "config_fix_wag.yaml.sample"
+    # The trial searched the data widths over the file's config: its gradients are the file's 4/8 bits.
+    trial = runs["trial"].data.params
+    assert (trial["choice.fixed"], trial["bits.dense1.weight.grad"], trial["bits.dense1.activation.grad"]) == (
+        "searched", "4", "8")
+    reference = runs["reference"].data.params
+    assert reference["choice.fixed"] == "float" and reference["bits.dense1.weight.grad"] == "float"
+    assert "fixed_file" not in trial and "fixed_file" not in reference
 
 
 def test_bad_own_files_stop_the_job_with_one_line_naming_file_and_key(tmp_path, store, capsys):
