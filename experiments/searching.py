@@ -64,7 +64,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import nics_fix as nf
-from experiments import checkpoint, tracking
+from experiments import checkpoint, config_files, tracking
 from experiments.data import load_dataset
 from experiments.training import (
     _sigterm_as_interrupt,
@@ -1104,7 +1104,8 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
     """
     cfg = copy.deepcopy(dict(cfg))
     opts = search_options(cfg.pop("search", None))
-    choices = dict(choices if choices is not None else tracking.hydra_choices())
+    choices = config_files.file_choices(cfg, choices if choices is not None else tracking.hydra_choices())
+    cfg = config_files.load_config_files(cfg)  # the base fixed/strategy from the user's own files
     study_name = opts["study_name"] or default_study_name(cfg, opts)
     output_dir = Path(output_dir) if output_dir is not None else Path("outputs") / "search" / study_name
     output_dir.mkdir(parents=True, exist_ok=True)

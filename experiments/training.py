@@ -24,7 +24,7 @@ import tensorflow as tf
 import yaml
 
 import nics_fix as nf
-from experiments import checkpoint, tracking
+from experiments import checkpoint, config_files, tracking
 from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
@@ -166,8 +166,10 @@ def _hydra_overrides() -> list[str]:
 def build(cfg: Mapping, data: Dataset, choices: Mapping | None = None):
     """Parse the fixed/strategy configs and build the model: ``(model, scope)``."""
     choices = choices or {}
-    fixed = nf.FixedConfig.from_dict(cfg.get("fixed") or {}, source=_source("fixed", choices))
-    strategy = nf.StrategyConfig.from_dict(cfg.get("strategy") or {}, source=_source("strategy", choices))
+    files = cfg.get("config_files") or {}  # groups read from the user's own files (experiments.config_files)
+    fixed = nf.FixedConfig.from_dict(cfg.get("fixed") or {}, source=files.get("fixed") or _source("fixed", choices))
+    strategy = nf.StrategyConfig.from_dict(cfg.get("strategy") or {},
+                                           source=files.get("strategy") or _source("strategy", choices))
     return build_model(cfg["model"], data.input_shape, data.num_classes, fixed, strategy)
 
 
@@ -258,7 +260,7 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     ``error`` tag, and an interrupt (Ctrl-C, SIGTERM) as KILLED: never a run
     left RUNNING.
     """
-    choices = dict(choices if choices is not None else tracking.hydra_choices())
+    choices = config_files.file_choices(cfg, choices if choices is not None else tracking.hydra_choices())
     mlcfg = cfg.get("mlflow") or {}
     tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
     trainer = cfg["trainer"]
@@ -427,6 +429,8 @@ def _find_resume(resume, experiment_name: str):
 
 
 def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, folder, resumed) -> dict:
+    cfg = config_files.load_config_files(cfg)
+    config_files.log_config_files(config_files.outside_conf(cfg, choices, _config_file), params=not resumed)
     if not resumed:  # a resumed run has its params already (MLflow refuses changed values)
         params = {}
         for group in ("data", "model", "trainer", "strategy"):

@@ -59,6 +59,8 @@ from typing import Any, Union
 
 import yaml
 
+from nics_fix.layer_types import layer_types, lookup_layer_type
+from nics_fix.log import logger
 from nics_fix.quant import (
     MAX_BIT_WIDTH,
     MAX_SCALE,
@@ -429,6 +431,7 @@ class FixedConfig:
             block = _check_mapping(block if block is not None else {}, path, source)
             _check_keys(block, QUANTITIES, path, source)
             self._configs[name] = _parse_layer_fields(block, path, source)
+        by_type = canonical_by_type(_check_mapping(by_type or {}, "by_type", source), source)
         for attr, section in (("_by_type", by_type), ("_by_name", by_name)):
             label = attr[1:]
             for key, entry in _check_mapping(section or {}, label, source).items():
@@ -543,14 +546,64 @@ def _to_plain(value):
     return value
 
 
+def canonical_by_type(section: Mapping, source: str | None = None, label: str = "by_type") -> dict:
+    """A ``by_type`` section (at key path ``label``) with every key as the layer class it names.
+
+    A key spelled as the original framework did (``Conv2d``, ``BN``) is renamed,
+    with one info line; a key that names no layer class, or two keys that name
+    one class, is a ConfigError; a class without quantization points gets a
+    warning (its entry cannot act on anything).
+    """
+    out: dict = {}
+    given: dict[str, str] = {}
+    for key, entry in section.items():
+        path = _join(label, key)
+        try:
+            name, renamed = lookup_layer_type(key)
+        except LookupError as err:
+            raise ConfigError(str(err), path, source) from None
+        if renamed:
+            logger.info("%s%s: read as %s (%s)", f"{source}: " if source else "", path, name, renamed)
+        if name in out:
+            raise ConfigError(f"{_join(label, given[name])} and {path} both name the layer class {name}",
+                              path, source)
+        if layer_types().get(name) is False:
+            logger.warning("%s%s: %s layers have no quantization points; this entry changes nothing",
+                           f"{source}: " if source else "", path, name)
+        out[name], given[name] = entry, key
+    return out
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, reading Python 2 PyYAML's string tags as the plain strings they are.
+
+    The original framework's generated files carry ``!!python/unicode 'conv1'``
+    keys. Only ``python/unicode`` and ``python/str`` are added, and they can only
+    yield a ``str``; every other Python tag is still refused, never executed.
+    """
+
+
+def _plain_string(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    return loader.construct_scalar(node)  # a non-scalar under the tag: ConstructorError
+
+
+for _tag in ("python/unicode", "python/str"):
+    _ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _plain_string)
+
+
 def load_yaml(text: str, source: str | None = None):
-    """Safe-load YAML; a syntax error or a Python tag becomes a ConfigError."""
+    """Safe-load YAML; a syntax error or a Python tag becomes a ConfigError.
+
+    ``!!python/unicode`` and ``!!python/str`` (Python 2's PyYAML) read as strings.
+    """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "tag:yaml.org,2002:python/" in problem:
+            problem += " (Python tags are refused; only !!python/unicode and !!python/str are read, as strings)"
         raise ConfigError(f"invalid YAML: {where}{problem}", "", source) from None
 
 
@@ -561,6 +614,8 @@ def read_yaml_file(path) -> Any:
             text = handle.read()
     except OSError as err:
         raise ConfigError(f"cannot read file: {err.strerror or err}", "", path) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte {err.start})", "", path) from None
     return load_yaml(text, path)
 
 

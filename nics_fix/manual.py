@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from nics_fix.config import ConfigError, DataConfig, LayerFixedConfig, PointConfig
+from nics_fix.layer_types import lookup_layer_type
 from nics_fix.scope import current_scope
 
 
@@ -58,7 +59,8 @@ quantitize = quantize
 class wrap:  # noqa: N801 - lower case: it reads as a function call in the chain
     """Chain layers on a tensor: ``wrap(x).Dense(units=10).ReLU().tensor``.
 
-    Any layer class of :mod:`nics_fix.layers` is available as a method that
+    Any layer class of :mod:`nics_fix.layers` (or the original's name for it,
+    ``MaxPool``, ``BN``) is available as a method that
     builds the layer with the given arguments and applies it; ``apply(fn,
     *args, **kwargs)`` applies any function ``fn(tensor, *args, **kwargs)``.
     """
@@ -73,6 +75,11 @@ class wrap:  # noqa: N801 - lower case: it reads as a function call in the chain
         from nics_fix import layers
 
         cls = getattr(layers, name, None)
+        if cls is None and name[:1].isupper():  # the original's names: .MaxPool(...), .BN(...)
+            try:
+                cls = getattr(layers, lookup_layer_type(name)[0], None)
+            except LookupError as err:
+                raise AttributeError(f"nics_fix.layers has no layer {name!r}: {err}") from None
         if not (isinstance(cls, type) and name[:1].isupper()):
             raise AttributeError(f"nics_fix.layers has no layer {name!r}")
 

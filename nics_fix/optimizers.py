@@ -89,6 +89,7 @@ from nics_fix.config import (
     _join,
     _parse_fields,
     _to_plain,
+    canonical_by_type,
 )
 from nics_fix.log import logger
 from nics_fix.quant import (
@@ -229,7 +230,10 @@ class FormatRules:
             self.default = parse_format(value["default"], _join(key_path, "default"))
         for section in ("by_type", "by_name"):
             spath = _join(key_path, section)
-            for key, fmt in _check_mapping(value.get(section) or {}, spath, None).items():
+            entries = _check_mapping(value.get(section) or {}, spath, None)
+            if section == "by_type":
+                entries = canonical_by_type(entries, label=spath)
+            for key, fmt in entries.items():
                 getattr(self, section)[key] = parse_format(fmt, _join(spath, key))
 
     def resolve(self, layer_name: str, layer_type: str, key: str) -> StorageConfig | None:

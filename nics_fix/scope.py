@@ -20,7 +20,8 @@ import threading
 import warnings
 from collections.abc import Mapping
 
-from nics_fix.config import FLOAT, FixedConfig, LayerFixedConfig, as_fixed_config
+from nics_fix.config import FLOAT, ConfigError, FixedConfig, LayerFixedConfig, as_fixed_config
+from nics_fix.layer_types import lookup_layer_type
 from nics_fix.log import logger
 from nics_fix.strategy import StrategyConfig, _build_entry, as_strategy_config
 
@@ -135,13 +136,24 @@ def kwargs_scope(**defaults):
     for key, value in defaults.items():
         if "." in key:
             type_name, arg = key.split(".", 1)
-            by_type.setdefault(type_name, {})[arg] = value
+            by_type.setdefault(_layer_class_name(type_name, key), {})[arg] = value
     stack = _stack("kwargs")
     stack.append((general, by_type))
     try:
         yield
     finally:
         stack.pop()
+
+
+def _layer_class_name(type_name: str, key: str) -> str:
+    """The class a kwargs-scope key names (the original's ``MaxPool`` too); a typo is a ConfigError."""
+    try:
+        name, renamed = lookup_layer_type(type_name)
+    except LookupError as err:
+        raise ConfigError(str(err), f"kwargs_scope.{key}") from None
+    if renamed:
+        logger.info("kwargs_scope.%s: read as %s (%s)", key, name, renamed)
+    return name
 
 
 def kwargs_scope_by_type(**by_type):

@@ -53,6 +53,7 @@ from nics_fix.config import (
     _check_mapping,
     _join,
     _to_plain,
+    canonical_by_type,
     load_yaml,
     read_yaml_file,
 )
@@ -71,6 +72,8 @@ HOOKS = (
 )
 
 _REGISTRY: dict[str, type] = {}
+#: A strategy's former name -> (its name now, the former defaults that differ from today's).
+_FORMER_NAMES: dict[str, tuple[str, dict]] = {}
 
 
 def snake_case(name: str) -> str:
@@ -109,15 +112,20 @@ class Strategy:
     Subclasses are registered by snake-case class name; give ``name = "..."``
     in the class body to register under another name. Constructor keyword
     arguments are the YAML keys of the strategy entry (besides ``name``).
+    ``former_names = {old_name: {key: default}}`` makes files that use an old
+    name (with that old name's defaults) read as this strategy.
     """
 
     name: str = "strategy"
+    former_names: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             cls.name = snake_case(cls.__name__)
         _REGISTRY[cls.name] = cls
+        for old, defaults in cls.__dict__.get("former_names", {}).items():
+            _FORMER_NAMES[old] = (cls.name, dict(defaults))
 
     def __init__(self, **kwargs):
         if kwargs:
@@ -329,6 +337,12 @@ def _build_entry(entry, path, source) -> list[dict]:
         if not isinstance(name, str):
             raise ConfigError(f"strategy name must be a string, got {name!r}; registered strategies: "
                               f"{', '.join(registered_strategies())}", _join(ipath, "name"), source)
+        if name in _FORMER_NAMES:
+            name, defaults = _FORMER_NAMES[name]
+            logger.info("%s%s: strategy %r read as %s", f"{source}: " if source else "", _join(ipath, "name"),
+                        item["name"], name)
+            given = {k: v for k, v in item.items() if k != "name"}
+            item = {"name": name, **given, **{k: v for k, v in defaults.items() if k not in given}}
         if name not in _REGISTRY or name == StrategyChain.name:
             raise ConfigError(
                 f"unknown strategy {name!r}; registered strategies: {', '.join(registered_strategies())}",
@@ -357,7 +371,7 @@ class StrategyConfig:
         self.source = source
         self._by_type = {
             k: _build_entry(v, _join("by_type", k), source)
-            for k, v in _check_mapping(by_type or {}, "by_type", source).items()
+            for k, v in canonical_by_type(_check_mapping(by_type or {}, "by_type", source), source).items()
         }
         self._by_name = {
             k: _build_entry(v, _join("by_name", k), source)

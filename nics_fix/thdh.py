@@ -105,7 +105,14 @@ class GradientBufferStrategy(Strategy):
     any). Use :func:`buffer_scale` (or :func:`buffer_strategy_config` for a
     whole model) to choose the scale from the weight format and the
     learning-rate shift.
+
+    The original TF1 framework called it ``weightgradsaver_strategy``
+    (``WeightGradSaverStrategy``: the same format, round to nearest even, one
+    scale for every weight of the layer, scale 0 when not given); files using
+    that name read as this strategy.
     """
+
+    former_names = {"weightgradsaver_strategy": {"scale": 0}}
 
     def __init__(self, bit_width: int = 24, scale=None, rounding: str = "nearest"):
         self._config = {}

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from nics_fix.config import LayerFixedConfig
+from nics_fix.layer_types import register_layer_type
 from nics_fix.point import FixedPoint
 from nics_fix.scope import apply_default_kwargs, resolve_for_layer
 from nics_fix.strategy import build_strategy
@@ -37,7 +38,19 @@ def _as_training_flag(training) -> bool:
 
 
 class ScopedLayer:
-    """Mixin: constructor defaults from :func:`nics_fix.kwargs_scope`."""
+    """Mixin: constructor defaults from :func:`nics_fix.kwargs_scope`.
+
+    Every layer class built on it registers its name as a valid ``by_type`` key
+    of fixed and strategy configs (:mod:`nics_fix.layer_types`).
+    """
+
+    #: Whether the layers have quantization points (a config's by_type entry can act on them).
+    has_fixed_points = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if any(base.__module__.startswith("keras") for base in cls.__mro__):  # not a mixin
+            register_layer_type(cls.__name__, cls.has_fixed_points)
 
     def __init__(self, *args, **kwargs):
         keras_cls = _keras_base(type(self))
@@ -96,6 +109,7 @@ class FixedLayer(ScopedLayer):
     quantize_output = True
     #: Constructor arguments that carry resolved configs (not Keras' own).
     config_keys: tuple[str, ...] = ("fixed_config", "strategy_config")
+    has_fixed_points = True
 
     def __init__(self, *args, fixed_config=None, strategy_config=None, **kwargs):
         super().__init__(*args, **kwargs)
