@@ -23,7 +23,7 @@ def user_error_types() -> tuple[type, ...]:
     from experiments.data import DataError
     from experiments.models import ModelConfigError
     from experiments.tracking import TrackingError
-    from experiments.training import TrainConfigError
+    from experiments.validate import TrainConfigError
 
     from omegaconf.errors import InterpolationResolutionError  # a ${...} that names nothing
 

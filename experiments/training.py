@@ -28,11 +28,7 @@ from experiments import checkpoint, tracking
 from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
-from experiments.validate import check_mapping, check_value
-
-
-class TrainConfigError(ValueError):
-    """A trainer/optimizer setting is invalid (names the key)."""
+from experiments.validate import TrainConfigError, check_mapping, check_value
 
 
 def _fixed_pipeline(ds: tf.data.Dataset) -> tf.data.Dataset:
