@@ -98,3 +98,37 @@ def user_errors(extra: tuple[type, ...] = ()):
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class _Tee:
+    """A text stream writing to two streams (the console and a log file)."""
+
+    def __init__(self, console, log):
+        self.console, self.log = console, log
+
+    def write(self, text):
+        self.log.write(text)
+        return self.console.write(text)
+
+    def flush(self):
+        self.log.flush()
+        self.console.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ...: the console's
+        return getattr(self.console, name)
+
+
+@contextlib.contextmanager
+def tee_to(path: str | Path):
+    """Copy what the job prints (stdout and stderr: Keras' epoch lines, our summary) into ``path`` too.
+
+    Hydra's own ``<job>.log`` only receives Python ``logging`` records, and the
+    job prints instead; this appends the printed lines to that same file.
+    """
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err

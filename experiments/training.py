@@ -25,6 +25,7 @@ import yaml
 
 import nics_fix as nf
 from experiments import checkpoint, tracking
+from experiments.compare_bits import check_compare_bits, compare_bits
 from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
@@ -275,6 +276,7 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     try:
         with _sigterm_as_interrupt():
             check_trainer(trainer)
+            check_compare_bits(cfg.get("compare_bits"))
             with checkpoint.heartbeat(run_id, trainer.get("heartbeat_interval", 60)):
                 results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
                                         resumed=bool(resume_run))
@@ -463,6 +465,12 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         results["val_accuracy"] = float(history.history["val_accuracy"][-1])
         results["val_loss"] = float(history.history["val_loss"][-1])
     mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    widths = check_compare_bits(cfg.get("compare_bits"))
+    if widths:
+        results["compare_bits"] = compare_bits(
+            model, lambda fixed: build(dict(cfg, fixed=fixed), data, choices)[0],
+            lambda rounded: evaluate(rounded, data, batch_size)[1], widths)
+        mlflow.log_metrics({f"rounded.w{b}a{b}.test_accuracy": acc for b, acc in results["compare_bits"].items()})
 
     if trainer.get("save_model", True):
         with tempfile.TemporaryDirectory() as tmp:

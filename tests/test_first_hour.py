@@ -1,0 +1,66 @@
+"""A new user's first hour: the main job's closing lines and log, typos caught, interrupts told in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+TINY = ["data=synthetic", "data.num_examples=160", "data.test_examples=64", "model.hidden_units=[8]",
+        "trainer.epochs=2", "trainer.batch_size=32"]
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_train_job_shows_fixed_point_where_the_record_is_and_what_next(tmp_path):
+    done = run_cli(["experiments.train", *TINY, "compare_bits=[8,1]", f"hydra.run.dir={tmp_path}/out"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    run_id = re.search(r"test_accuracy=(\S+) run_id=(\w+)", out).group(2)
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)  # the default store, in the cwd
+    reference = run.data.metrics["test_accuracy"]
+    rows = dict(re.findall(r"^  (.+?) +test_accuracy (\d\.\d{4})", out, re.M))
+    assert float(rows["fixed=float"]) == pytest.approx(reference, abs=5e-5)
+    for bits in (8, 1):
+        assert float(rows[f"{bits}-bit rounded"]) == pytest.approx(run.data.metrics[f"rounded.w{bits}a{bits}.test_accuracy"],
+                                                                  abs=5e-5)
+    # 1 bit (the sign bit) holds only -2^s and 0: every ReLU output is 0, the logits are the last bias,
+    # so the model predicts one class for every example: its accuracy is that class's share of the test set.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from experiments.data import load_dataset
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        data = load_dataset(OmegaConf.to_container(compose("train", overrides=TINY), resolve=True)["data"])
+    shares = {round(float(np.mean(data.y_test == k)), 4) for k in np.unique(data.y_test)}
+    assert round(run.data.metrics["rounded.w1a1.test_accuracy"], 4) in shares
+    assert f"Recorded: MLflow store sqlite:///mlflow.db, experiment 'nics_fix', run mlp/float ({run_id})" in out
+    assert f"Output folder: {tmp_path}/out" in out
+    assert (f"mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000, then open "
+            f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}") in out
+    assert "Next: python -m experiments.train fixed=w4a4" in out
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "Epoch 2/2" in log and f"run_id={run_id}" in log and "Next: python -m experiments.train" in log
+
+
+def test_compare_bits_typo_is_one_line(tmp_path):
+    from experiments.compare_bits import check_compare_bits
+    from experiments.validate import TrainConfigError
+
+    assert check_compare_bits([8, 4]) == [8, 4] and check_compare_bits(None) == []
+    with pytest.raises(TrainConfigError, match=r"compare_bits\[\] must be an integer from 1 to 32, got 40"):
+        check_compare_bits([8, 40])
+    with pytest.raises(TrainConfigError, match="compare_bits: expected a list of bit widths"):
+        check_compare_bits("8")
