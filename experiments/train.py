@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli import CONF_DIR, tee_to, user_errors
+from experiments.cli import CONF_DIR, check_job_overrides, tee_to, user_errors
 from experiments.training import run_training
 
 
@@ -55,6 +55,7 @@ def main(cfg: DictConfig) -> float:
     output_dir = hydra_cfg.runtime.output_dir
     plain = OmegaConf.to_container(cfg, resolve=True)
     with tee_to(Path(output_dir) / f"{hydra_cfg.job.name}.log"), user_errors():
+        check_job_overrides(plain)
         results = run_training(plain, output_dir=output_dir)
         print("\n".join(closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))),
               flush=True)

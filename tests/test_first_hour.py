@@ -64,3 +64,52 @@ def test_compare_bits_typo_is_one_line(tmp_path):
         check_compare_bits([8, 40])
     with pytest.raises(TrainConfigError, match="compare_bits: expected a list of bit widths"):
         check_compare_bits("8")
+
+
+def _composed(*overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        return OmegaConf.to_container(compose("train", overrides=list(overrides)), resolve=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+fixd=w8a8", "+fixd=w8a8: 'fixd' is not a setting of this job (did you mean the group fixed? "
+                   "Choose it without '+': fixed=w8a8)"),
+    ("+trainer.epoch=3", "+trainer.epoch=3: 'trainer.epoch' is not a setting of this job (did you mean "
+                         "trainer.epochs? Set it without '+': trainer.epochs=3)"),
+    ("++mlflow.experimnt_name=x", "did you mean mlflow.experiment_name? Set it without '+': mlflow.experiment_name=x"),
+    ("+model.zzz=1", "'model.zzz' is not a setting of this job (known keys here: batch_norm, dropout, "
+                     "hidden_units, name)"),
+])
+def test_unknown_added_key_is_one_line_with_the_closest_name(override, message):
+    from experiments.cli import UnknownKeyError, check_added_keys
+
+    cfg = _composed(override)
+    with pytest.raises(UnknownKeyError) as err:
+        check_added_keys(cfg, [override], groups=("data", "model", "fixed", "strategy", "trainer", "mlflow",
+                                                  "experiment"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_legitimate_additions_stay_allowed():
+    from experiments.cli import check_added_keys
+
+    added = ["+fixed.by_name.dense1.weight.data_config.bit_width=4", "+fixed.by_name.newlayer.weight.data_config.bit_width=4",
+             "+experiment=mnist_mlp", "+trainer.thdh.update_config.bit_width=8", "+hydra.job.env_set.X=1"]
+    check_added_keys(_composed("fixed=w8a8", "+fixed.by_name.dense1.weight.data_config.bit_width=4"), added,
+                     groups=("fixed", "experiment"))
+    # The README's THDH settings are plain keys of the trainer group: no '+' needed.
+    cfg = _composed("trainer.thdh.power_of_two_lr=true", "trainer.thdh.update_config={bit_width: 16, scale: auto}")
+    assert cfg["trainer"]["thdh"] == {"update_config": {"bit_width": 16, "scale": "auto"}, "state_config": None,
+                                      "power_of_two_lr": True}
+
+
+def test_unknown_added_key_stops_the_job_before_training(tmp_path):
+    done = run_cli(["experiments.train", "+trainer.epoch=3", "hydra.run.dir=" + str(tmp_path / "out")], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: +trainer.epoch=3: 'trainer.epoch' is not a setting of this job (did you mean trainer.epochs? "
+        "Set it without '+': trainer.epochs=3)"]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded
