@@ -10,6 +10,8 @@ Examples::
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import hydra
@@ -47,6 +49,20 @@ def closing_lines(results: dict, cfg: dict, output_dir: str, fixed_name: str | N
     return lines
 
 
+def interrupted_line(err: BaseException, overrides: list[str]) -> str:
+    """One line for an interrupted train job: what stopped, its run, the command that resumes it."""
+    import mlflow
+
+    run = mlflow.last_active_run()
+    what = f"signal {str(err).split()[-1]}" if str(err).startswith("signal") else "Ctrl-C"
+    if run is None:
+        return f"interrupted ({what}) before the MLflow run started: nothing to resume"
+    kept = [shlex.quote(o) for o in overrides if not o.lstrip("+").startswith("trainer.resume=")]
+    command = " ".join(["python -m experiments.train", *kept, f"trainer.resume={run.info.run_id}"])
+    return (f"interrupted ({what}): run {run.info.run_id} ended {run.info.status} after its last checkpoint; "
+            f"resume it with: {command}")
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
@@ -56,7 +72,11 @@ def main(cfg: DictConfig) -> float:
     plain = OmegaConf.to_container(cfg, resolve=True)
     with tee_to(Path(output_dir) / f"{hydra_cfg.job.name}.log"), user_errors():
         check_job_overrides(plain)
-        results = run_training(plain, output_dir=output_dir)
+        try:
+            results = run_training(plain, output_dir=output_dir)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is KILLED; say how to go on
+            print(interrupted_line(err, [str(o) for o in hydra_cfg.overrides.task]), file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         print("\n".join(closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))),
               flush=True)
     return float(results["objective"])

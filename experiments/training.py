@@ -452,6 +452,8 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
     if resumed:
         initial_epoch = checkpoint.load_checkpoint(folder, model)
         mlflow.set_tag("nics_fix.resumed_from_epoch", str(initial_epoch))
+        print(f"resuming run {run_id} from its checkpoint {folder}: epoch {initial_epoch + 1} of "
+              f"{int(trainer.get('epochs', 1))} next", flush=True)
         _log_unrecorded_epoch(run_id, folder, model)
     train_ds = training_dataset(data.x_train, data.y_train, batch_size, int(trainer.get("seed", 0)), initial_epoch)
     val_ds = make_dataset(data.x_val, data.y_val, batch_size) if len(data.x_val) else None

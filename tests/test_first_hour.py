@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -113,3 +114,43 @@ def test_unknown_added_key_stops_the_job_before_training(tmp_path):
         "error: +trainer.epoch=3: 'trainer.epoch' is not a setting of this job (did you mean trainer.epochs? "
         "Set it without '+': trainer.epochs=3)"]
     assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded
+
+
+def test_sigterm_is_one_line_with_the_resume_command_and_the_resumed_run_says_so(tmp_path):
+    import signal
+    import time
+
+    args = ["experiments.train", "data=synthetic", "data.num_examples=256", "data.test_examples=32",
+            "model.hidden_units=[8]", "trainer.epochs=400", "trainer.batch_size=32", "compare_bits=[]",
+            f"hydra.run.dir={tmp_path}/out"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "Epoch 3/" not in seen:  # a checkpoint exists once epoch 2 is done
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:]
+        seen += line
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.monotonic() - started < 60
+    lines = [line for line in err.strip().splitlines()
+             if line.strip() and "INFO mlflow.store.db.utils" not in line]  # MLflow creating a new store
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    match = re.fullmatch(r"interrupted \(signal 15\): run (\w+) ended KILLED after its last checkpoint; "
+                         r"resume it with: (python -m experiments\.train .*)", lines[0])
+    assert match, lines[0]
+    run_id, command = match.groups()
+    assert command.endswith(f"trainer.resume={run_id}") and "trainer.epochs=400" in command
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.info.status == "KILLED"
+
+    # The printed command resumes (fewer epochs here, so it ends soon): it says so and from which epoch.
+    words = shlex.split(command)[2:]
+    words = [w.replace("trainer.epochs=400", "trainer.epochs=3") for w in words if not w.startswith("hydra.run.dir")]
+    resumed = run_cli([*words, f"hydra.run.dir={tmp_path}/again"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    next_epoch = int(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags["nics_fix.resumed_from_epoch"]) + 1
+    assert f"resuming run {run_id} from its checkpoint " in resumed.stdout
+    assert f"epoch {next_epoch} of 3 next" in resumed.stdout and next_epoch >= 3
