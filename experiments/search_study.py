@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -22,10 +23,11 @@ from experiments.search_space import Dimension, search_params, uniform_baseline_
 class PruningCallback(keras.callbacks.Callback):
     """Reports a per-epoch metric to an Optuna trial and raises ``TrialPruned`` when told to."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val_accuracy"):
+    def __init__(self, trial: optuna.Trial, monitor: str = "val_accuracy", threshold: float | None = None):
         super().__init__()
         self.trial = trial
         self.monitor = monitor
+        self.threshold = threshold  # ThresholdPruner's lower bound, to say why a trial stopped
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -33,7 +35,13 @@ class PruningCallback(keras.callbacks.Callback):
             return
         self.trial.report(float(value), step=epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"{self.monitor}={float(value):.4f} at epoch {epoch + 1}")
+            if self.threshold is not None:
+                why = f"below the accuracy target minus search.prune_slack ({self.threshold:.4f})"
+            else:
+                why = "below the median of earlier trials at this epoch"
+            reason = f"{self.monitor} {float(value):.4f} at epoch {epoch + 1}, {why}"
+            self.trial.set_user_attr("pruned", reason)
+            raise optuna.TrialPruned(reason)
 
 
 def make_sampler(opts: Mapping, seed: int | None):
@@ -82,9 +90,26 @@ def _engine_kwargs(storage_url: str) -> dict:
     return tracking.connect_timeout_args(scheme)
 
 
+#: The options that make a study what it is: resuming with another value is refused (one study, one search).
+SIGNATURE_KEYS = ("objective", "cost", "budget", "accuracy_delta", "sampler", "quantities", "widths", "grad_widths",
+                  "share_by_type", "pin", "exclude", "data_config", "gradient_config")
+
+
+def study_signature(opts: Mapping, model_cfg: Mapping | None = None) -> dict:
+    """``{search.<key>: value}`` (and ``model``) as stored with the study, JSON-normalised."""
+    signature = {f"search.{key}": opts[key] for key in SIGNATURE_KEYS}
+    if model_cfg is not None:
+        signature["model"] = dict(model_cfg)
+    return json.loads(json.dumps(signature, sort_keys=True, default=str))
+
+
+def _shown(value) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else repr(value)
+
+
 def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | None = None,
-               pruner=None, on_stale_trial=None) -> optuna.Study:
-    """Create the study, or load it when it exists (checking it is the same search).
+               pruner=None, on_stale_trial=None, model_cfg: Mapping | None = None) -> optuna.Study:
+    """Create the study, or load it when it exists (refused when it is another search: see :data:`SIGNATURE_KEYS`).
 
     ``on_stale_trial(study, trial)`` is called for each trial that Optuna's
     heartbeat finds abandoned by a dead worker (and fails).
@@ -111,13 +136,12 @@ def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | Non
             f"({type(err).__name__}: {text})\nFix: give an SQLAlchemy database URL that this machine can reach, "
             "e.g. sqlite:///path/optuna.db or postgresql+psycopg2://user:pass@host/db (null: sqlite "
             "in the run directory); a study of another search needs another search.study_name.") from None
-    want = {"search.objective": opts["objective"], "search.cost": opts["cost"]}
     have = study.user_attrs
-    for key, value in want.items():
+    for key, value in study_signature(opts, model_cfg).items():
         if key in have and have[key] != value:
-            raise SearchConfigError(f"{key}: study {study_name!r} in {safe_url(storage_url)} "
-                                    f"was run with {key}={have[key]!r}, not {value!r}; "
-                                    "use another search.study_name")
+            raise SearchConfigError(f"{key}: study {study_name!r} in {safe_url(storage_url)} was run with "
+                                    f"{key}={_shown(have[key])}, this search has {_shown(value)}; resume it with "
+                                    f"the same settings, or start another study (search.study_name=...)")
         if key not in have:
             study.set_user_attr(key, value)
     return study

@@ -22,17 +22,22 @@ def _fmt_cost(value) -> str:
     return f"{value:,.0f}" if abs(value) < 1e9 else f"{value:.4g}"
 
 
-_SHORT = {"weight.data": "w", "activation.data": "a", "weight.grad": "gw", "activation.grad": "ga"}
+_SHORT = {"weight.data": "w", "weight.grad": "gw", "activation.data": "a", "activation.grad": "ga"}
 
 
 def bits_summary(bits: Mapping[str, int | None], quantities: Sequence[str]) -> str:
-    """``w=8/4/6 a=8/5/4``: widths per quantity in layer order (``f``: float)."""
-    parts = []
-    for quantity in quantities:
-        values = [("f" if v is None else str(v)) for k, v in bits.items() if k.endswith("." + quantity)]
-        if values:
-            parts.append(f"{_SHORT[quantity]}={'/'.join(values)}")
-    return " ".join(parts)
+    """``dense1 w8 a6, relu1 a4``: each layer's widths, in the order of ``bits`` (the model's layer order).
+
+    ``w``/``a``: weight/activation data, ``gw``/``ga``: their gradients, ``f``: float.
+    """
+    per_layer: dict[str, list[tuple[int, str]]] = {}
+    for key, value in bits.items():
+        layer, quantity, direction = key.rsplit(".", 2)
+        name = f"{quantity}.{direction}"
+        if name in quantities:
+            label = f"{_SHORT[name]}{'f' if value is None else value}"
+            per_layer.setdefault(layer, []).append((list(_SHORT).index(name), label))
+    return ", ".join(f"{layer} {' '.join(label for _, label in sorted(parts))}" for layer, parts in per_layer.items())
 
 
 

@@ -21,6 +21,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+import nics_fix as nf
+
 from experiments import tracking
 from experiments.cli import user_error_types
 from experiments.search_options import COSTS, SearchConfigError
@@ -52,6 +54,7 @@ class TrialRunner:
         self.started = time.time()
         self.metric = "val_accuracy" if len(data.x_val) else "test_accuracy"  # what run_training selects on
         self.pruning = len(directions(opts)) == 1 and pruner_name(opts) != "none"
+        self.layer_index = {layer.name: i for i, layer in enumerate(nf.introspect.fixed_layers(model))}
 
     # -- MLflow helpers -------------------------------------------------------
 
@@ -79,6 +82,11 @@ class TrialRunner:
         self.client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
+    def layer_order(self, item) -> tuple:
+        """Sort key of an allocation entry: the model's layer order, then weight before activation, data before grad."""
+        (layer, quantity, direction), _ = item
+        return (self.layer_index.get(layer, len(self.layer_index)), quantity != "weight", direction != "data")
+
     # -- the objective --------------------------------------------------------
 
     def objective(self, trial: optuna.Trial):
@@ -89,7 +97,7 @@ class TrialRunner:
         keras.backend.clear_session()
         params = {p: trial.suggest_categorical(p, list(c)) for p, c in search_params(self.space).items()}
         alloc = allocation(self.model, self.space, params, self.opts)
-        bits = {f"{layer}.{q}.{d}": v for (layer, q, d), v in alloc.items()}
+        bits = {f"{layer}.{q}.{d}": v for (layer, q, d), v in sorted(alloc.items(), key=self.layer_order)}
         trial.set_user_attr("bits", bits)
         cfg = copy.deepcopy(self.cfg)
         cfg["fixed"] = allocation_fixed_config(self.model, alloc, self.cfg.get("fixed"), self.opts)
@@ -124,7 +132,10 @@ class TrialRunner:
         mlcfg = dict(cfg.get("mlflow") or {})
         mlcfg["run_name"] = f"trial-{trial.number}"
         cfg["mlflow"] = mlcfg
-        callbacks = [PruningCallback(trial, self.metric)] if self.pruning and self.metric == "val_accuracy" else []
+        threshold = (None if self.target is None or pruner_name(self.opts) != "threshold"
+                     else float(self.target) - float(self.opts["prune_slack"]))
+        callbacks = ([PruningCallback(trial, self.metric, threshold)] if self.pruning and self.metric == "val_accuracy"
+                     else [])
         choices = {**self.choices, "fixed": "searched"}  # the base `fixed` choice is a param of the parent
         try:
             results = run_training(cfg, output_dir=None, choices=choices, run_tags=self.trial_tags(trial),
@@ -134,6 +145,8 @@ class TrialRunner:
             if run_id:
                 trial.set_user_attr("mlflow_run_id", run_id)
                 self.client.delete_tag(run_id, "error")
+                if trial.user_attrs.get("pruned"):
+                    self.client.set_tag(run_id, "nics_fix.pruned", trial.user_attrs["pruned"])
                 self.client.set_terminated(run_id, "KILLED")
             raise
         except KeyboardInterrupt as err:  # SIGTERM or Ctrl-C: the run ended KILLED, Optuna makes it FAIL
@@ -239,17 +252,28 @@ class TrialRunner:
             text.append(f"error: {attrs['error'][:200]}")
         if attrs.get("infeasible"):
             text.append(f"(infeasible: {attrs['infeasible']})")
+        if attrs.get("pruned"):
+            text.append(f"(pruned: {attrs['pruned']})")
         print(" | ".join(text), flush=True)
 
 
-def float_reference(cfg, opts, study, choices) -> dict | None:
-    """The float run's accuracy: from the study (trained once per study) or trained now."""
+def float_reference(cfg, opts, study, choices, storage_url: str | None = None) -> dict | None:
+    """The float run's accuracy: from the study (trained once per study) or trained now.
+
+    Workers starting together take turns (the storage's lock): the first trains
+    it, the others then find it in the study.
+    """
     if opts["reference_accuracy"] is not None:
         return {"accuracy": float(opts["reference_accuracy"]), "run_id": None, "source": "search.reference_accuracy"}
     needed = opts["objective"] == "min_cost" or pruner_name(opts) == "threshold"
     if not (opts["float_reference"] or needed):
         return None
-    attrs = study.user_attrs
+    with tracking.store_lock(storage_url or ""):
+        return _float_reference(cfg, opts, study, choices, needed)
+
+
+def _float_reference(cfg, opts, study, choices, needed) -> dict | None:
+    attrs = study.user_attrs  # read from the storage: another worker may have trained it meanwhile
     if "float_accuracy" in attrs:
         return {"accuracy": attrs["float_accuracy"], "test_accuracy": attrs.get("float_test_accuracy"),
                 "run_id": attrs.get("float_run_id"), "source": "study"}

@@ -95,6 +95,8 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
     space = search_space(model, opts)
     if not space:
         raise SearchConfigError("search: nothing to search (every point is pinned or excluded)")
+    if opts["objective"] == "budget":
+        check_budget(cfg, opts, data, model, space, choices)
 
     mlcfg = cfg.get("mlflow") or {}
     experiment_name = mlcfg.get("experiment_name", "nics_fix")
@@ -103,7 +105,8 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
     try:
         # SIGTERM (schedulers, kill): the running trial's run ends KILLED, its trial FAIL, this search KILLED.
         with _sigterm_as_interrupt():
-            study = open_study(opts, study_name, storage_url, on_stale_trial=_stale_trial_callback(experiment_name))
+            study = open_study(opts, study_name, storage_url, on_stale_trial=_stale_trial_callback(experiment_name),
+                               model_cfg=cfg.get("model"))
             check_compatible(study, space)
             # Offset by the stored trials, so a resumed search does not replay its first samples; spread
             # by a large prime, so workers with seeds i and i+1 never land on one seed (seed + n did, when
@@ -130,6 +133,18 @@ def run_search(cfg: Mapping, output_dir: str | Path | None = None, choices: Mapp
         return summary
     finally:
         optuna.logging.set_verbosity(previous_level)
+
+
+def check_budget(cfg, opts, data, model, space, choices) -> None:
+    """``search.budget`` below the cheapest allocation (every searched point at its narrowest width) fails now."""
+    narrowest = {param: min(choices_) for param, choices_ in search_params(space).items()}
+    fixed = allocation_fixed_config(model, allocation(model, space, narrowest, opts), cfg.get("fixed"), opts)
+    cheapest = float(allocation_cost(cfg, data, fixed, choices)[COSTS[opts["cost"]]])
+    if float(opts["budget"]) < cheapest:
+        raise SearchConfigError(
+            f"search.budget={opts['budget']:g} is below the cheapest allocation: {cheapest:g} ({opts['cost']}, every "
+            f"searched point at {min(opts['widths'])} bits, pins as pinned), so every trial would be pruned; "
+            f"give search.budget >= {cheapest:g}")
 
 
 def _end_runs(parent_id: str, status: str, error: str | None = None) -> None:
@@ -167,7 +182,7 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
           f"{opts['widths']}; {opts['objective']} ({metric}, {opts['cost']}), sampler {opts['sampler']}, "
           f"pruner {pruner_name(opts)}; storage {safe_url(storage_url)} ({len(study.trials)} trials stored); "
           f"MLflow parent run {run_id}", flush=True)
-    reference = float_reference(cfg, opts, study, choices)
+    reference = float_reference(cfg, opts, study, choices, storage_url)
     target = None if reference is None else float(reference["accuracy"]) - float(opts["accuracy_delta"])
     study.pruner = make_pruner(opts, int(cfg["trainer"].get("epochs", 1)), target)
     waiting = enqueue_uniform_baseline(study, space, opts["widths"]) if opts["baseline"] == "uniform" else 0
