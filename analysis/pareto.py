@@ -37,6 +37,48 @@ def pareto_mask(maximize_values, minimize_values) -> np.ndarray:
     return mask
 
 
+def pareto_indices(maximize_values, minimize_values) -> list[int]:
+    """Indices of the non-dominated entries (ties all kept), by ``minimize`` up, then ``maximize`` down.
+
+    >>> pareto_indices([0.9, 0.95, 0.85, 0.95], [4.0, 8.0, 6.0, 8.0])
+    [0, 1, 3]
+    """
+    a = np.asarray(maximize_values, dtype="float64")
+    c = np.asarray(minimize_values, dtype="float64")
+    front = np.flatnonzero(pareto_mask(a, c))
+    return [int(i) for i in sorted(front, key=lambda i: (c[i], -a[i], i))]
+
+
+def hypervolume_points(maximize_values, minimize_values, reference: Sequence[float] = (0.0, 32.0)) -> float:
+    """Area dominated by the points and bounded by ``reference`` = ``(maximize_ref, minimize_ref)``.
+
+    The one hypervolume convention of the project (search summaries and
+    reports): the raw area in (accuracy, cost) units, not normalised. With the
+    front sorted by cost ``c_1 < ... < c_n`` (accuracies ``a_1 < ... < a_n``)
+    and ``c_{n+1} = minimize_ref``::
+
+        HV = sum_i (c_{i+1} - c_i) * (a_i - maximize_ref)
+
+    Points not strictly better than the reference in both values add nothing;
+    0.0 without such points.
+
+    >>> hypervolume_points([0.9, 0.95], [4.0, 8.0], reference=(0.0, 32.0))  # 0.9*28 + 0.05*24
+    26.4
+    """
+    ref_a, ref_c = (float(v) for v in reference)
+    a = np.asarray(maximize_values, dtype="float64")
+    c = np.asarray(minimize_values, dtype="float64")
+    keep = (a > ref_a) & (c < ref_c)
+    a, c = a[keep], c[keep]
+    front = pareto_indices(a, c)
+    front = [i for n, i in enumerate(front) if n == 0 or c[i] != c[front[n - 1]]]  # ties count once
+    if not front:
+        return 0.0
+    a, c = a[front], c[front]
+    edges = np.append(c[1:], ref_c)
+    return round(float(np.sum((edges - c) * (a - ref_a))), 12)
+
+
 def _usable(df: pd.DataFrame, finished_only: bool) -> pd.DataFrame:
     if finished_only and "status" in df.columns:
         return df[df["status"] == "FINISHED"]
@@ -70,28 +112,16 @@ def hypervolume(df: pd.DataFrame, maximize: str = "val_accuracy", minimize: str 
 
     ``reference`` is ``(maximize_ref, minimize_ref)`` (or a mapping from the
     two column names): a point worse than every run in both columns, e.g.
-    ``(0.0, 32.0)`` for accuracy vs average bits. With the front sorted by
-    cost ``c_1 < ... < c_n`` (accuracies ``a_1 < ... < a_n``) and
-    ``c_{n+1} = minimize_ref``::
-
-        HV = sum_i (c_{i+1} - c_i) * (a_i - maximize_ref)
-
-    Points not strictly better than the reference in both columns add
-    nothing. 0.0 for an empty front.
+    ``(0.0, 32.0)`` for accuracy vs average bits. The convention: see
+    :func:`hypervolume_points`.
     """
     if isinstance(reference, Mapping):
-        ref_a, ref_c = float(reference[maximize]), float(reference[minimize])
-    else:
-        ref_a, ref_c = (float(v) for v in reference)
-    front = pareto_front(df, maximize, minimize, finished_only=finished_only, keep_ties=False)
-    a = front[maximize].astype("float64").to_numpy()
-    c = front[minimize].astype("float64").to_numpy()
-    keep = (a > ref_a) & (c < ref_c)
-    a, c = a[keep], c[keep]
-    if not len(a):
-        return 0.0
-    edges = np.append(c[1:], ref_c)
-    return float(np.sum((edges - c) * (a - ref_a)))
+        reference = (reference[maximize], reference[minimize])
+    rows = _usable(df, finished_only)
+    a = pd.to_numeric(rows[maximize], errors="coerce").astype("float64").to_numpy()
+    c = pd.to_numeric(rows[minimize], errors="coerce").astype("float64").to_numpy()
+    valid = ~(np.isnan(a) | np.isnan(c))
+    return hypervolume_points(a[valid], c[valid], reference)
 
 
-__all__ = ["pareto_mask", "pareto_front", "hypervolume"]
+__all__ = ["pareto_mask", "pareto_indices", "pareto_front", "hypervolume", "hypervolume_points"]

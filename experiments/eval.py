@@ -10,13 +10,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli import CONF_DIR, user_errors
+from experiments.cli import CONF_DIR, check_job_overrides, user_errors
 from experiments.evaluation import EvalInputError, run_eval
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float:
     with user_errors(extra=(EvalInputError,)):
+        check_job_overrides(cfg)
         results = run_eval(OmegaConf.to_container(cfg, resolve=True))
     recorded = results["recorded_test_accuracy"]
     note = "" if recorded is None else (

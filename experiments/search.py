@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.cli import CONF_DIR, user_errors
+from experiments.cli import CONF_DIR, check_job_overrides, user_errors
 
 
 
@@ -31,6 +31,7 @@ def main(cfg: DictConfig) -> int:
     from experiments.searching import SearchConfigError, run_search
 
     with user_errors((SearchConfigError,)):
+        check_job_overrides(cfg)
         summary = run_search(OmegaConf.to_container(cfg, resolve=True),
                              output_dir=HydraConfig.get().runtime.output_dir,
                              choices=tracking.hydra_choices())

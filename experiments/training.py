@@ -25,14 +25,11 @@ import yaml
 
 import nics_fix as nf
 from experiments import checkpoint, config_files, tracking
+from experiments.compare_bits import check_compare_bits, compare_bits
 from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
-from experiments.validate import check_mapping, check_value
-
-
-class TrainConfigError(ValueError):
-    """A trainer/optimizer setting is invalid (names the key)."""
+from experiments.validate import TrainConfigError, check_mapping, check_value
 
 
 def _fixed_pipeline(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -281,6 +278,7 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
     try:
         with _sigterm_as_interrupt():
             check_trainer(trainer)
+            check_compare_bits(cfg.get("compare_bits"))
             with checkpoint.heartbeat(run_id, trainer.get("heartbeat_interval", 60)):
                 results = _train_in_run(cfg, trainer, run_id, choices, output_dir, callbacks or [], folder,
                                         resumed=bool(resume_run))
@@ -458,6 +456,8 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
     if resumed:
         initial_epoch = checkpoint.load_checkpoint(folder, model)
         mlflow.set_tag("nics_fix.resumed_from_epoch", str(initial_epoch))
+        print(f"resuming run {run_id} from its checkpoint {folder}: epoch {initial_epoch + 1} of "
+              f"{int(trainer.get('epochs', 1))} next", flush=True)
         _log_unrecorded_epoch(run_id, folder, model)
     train_ds = training_dataset(data.x_train, data.y_train, batch_size, int(trainer.get("seed", 0)), initial_epoch)
     val_ds = make_dataset(data.x_val, data.y_val, batch_size) if len(data.x_val) else None
@@ -471,6 +471,12 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         results["val_accuracy"] = float(history.history["val_accuracy"][-1])
         results["val_loss"] = float(history.history["val_loss"][-1])
     mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
+    widths = check_compare_bits(cfg.get("compare_bits"))
+    if widths:
+        results["compare_bits"] = compare_bits(
+            model, lambda fixed: build(dict(cfg, fixed=fixed), data, choices)[0],
+            lambda rounded: evaluate(rounded, data, batch_size)[1], widths)
+        mlflow.log_metrics({f"rounded.w{b}a{b}.test_accuracy": acc for b, acc in results["compare_bits"].items()})
 
     if trainer.get("save_model", True):
         with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+class TrainConfigError(ValueError):
+    """A trainer/optimizer setting is invalid (names the key)."""
+
+
 _KINDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
 
 

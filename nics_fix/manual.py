@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from nics_fix.config import ConfigError, DataConfig, LayerFixedConfig, PointConfig
+from nics_fix.config import ConfigError, DataConfig, FixedConfig, LayerFixedConfig, PointConfig
 from nics_fix.layer_types import lookup_layer_type
 from nics_fix.scope import current_scope
 
 
-def _point_config(fix_cfg):
+def _point_config(fix_cfg, name: str | None = None):
     """Accept the forms a user naturally writes for one point's config."""
     if fix_cfg is None or isinstance(fix_cfg, LayerFixedConfig):
         return fix_cfg
+    if isinstance(fix_cfg, FixedConfig):  # a whole config file: the point's entry, as a scope would find it
+        return fix_cfg.resolve(name or "", "Quantize")
     if isinstance(fix_cfg, PointConfig):
         return LayerFixedConfig(activation=fix_cfg)
     if isinstance(fix_cfg, DataConfig):
@@ -43,12 +45,13 @@ def quantize(x, fix_cfg=None, name: str | None = None, training=None, strategy_c
 
     ``fix_cfg`` may be a point config (``{data_config: ..., gradient_config:
     ...}``), a layer config (``{activation: ...}``), a ``config_name`` of the
-    active scope, or ``None`` to look the point up in the active scope by
-    ``name`` (type ``Quantize``).
+    active scope, a whole :class:`FixedConfig` (its entry for ``name``, type
+    ``Quantize``, as in a scope), or ``None`` to look the point up in the
+    active scope by ``name``.
     """
     from nics_fix.layers.quantize import Quantize
 
-    layer = Quantize(fixed_config=_point_config(fix_cfg), strategy_config=strategy_config, name=name)
+    layer = Quantize(fixed_config=_point_config(fix_cfg, name), strategy_config=strategy_config, name=name)
     return layer(x) if training is None else layer(x, training=training)
 
 

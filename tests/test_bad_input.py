@@ -339,12 +339,12 @@ def test_a_search_stops_at_the_first_trial_that_fails_on_bad_input(tmp_path, sto
                          "trainer.optimizer.name=nadam", tmp_path=tmp_path, capsys=capsys)
     assert code == 2 and "trainer.optimizer.name must be one of" in err  # caught before any trial
     monkey = pytest.MonkeyPatch()
-    from experiments import searching
+    from experiments import search_trials, searching
 
     def bad_input(*args, **kwargs):
         raise searching.SearchConfigError("search.pin.dense9: no such layer (a stand-in for input a trial finds bad)")
 
-    monkey.setattr(searching, "run_training", bad_input)
+    monkey.setattr(search_trials, "run_training", bad_input)
     try:
         code, err = run_main("experiments.search", *CHEAP, f"mlflow.tracking_uri={store}", "search.n_trials=3",
                              "search.float_reference=false", "search.storage=sqlite:///" + str(tmp_path / "o.db"),

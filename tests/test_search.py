@@ -24,8 +24,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 import nics_fix as nf
-from experiments import searching
+from experiments import search_trials, searching
 from experiments.models import build_model
+from experiments.training import run_training
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["data=synthetic", "data.num_examples=128", "data.test_examples=32", "model.hidden_units=[8]",
@@ -138,15 +139,17 @@ def test_allocation_becomes_a_core_fixed_config_over_the_base():
 
 
 def test_hypervolume_and_pareto_front():
-    pts = [(0.9, 4.0), (0.95, 8.0), (0.85, 6.0), (0.95, 8.0)]
-    assert searching.pareto_front(pts) == [0, 1, 3]
-    assert searching.hypervolume(pts, (0.0, 32.0)) == pytest.approx(0.9 * 28 + 0.05 * 24)
-    assert searching.hypervolume([(0.5, 40.0)], (0.0, 32.0)) == 0.0
+    from analysis.pareto import hypervolume_points, pareto_indices  # the one implementation the search uses
+
+    acc, cost = [0.9, 0.95, 0.85, 0.95], [4.0, 8.0, 6.0, 8.0]
+    assert pareto_indices(acc, cost) == [0, 1, 3]
+    assert hypervolume_points(acc, cost, (0.0, 32.0)) == pytest.approx(0.9 * 28 + 0.05 * 24)
+    assert hypervolume_points([0.5], [40.0], (0.0, 32.0)) == 0.0
     import numpy as np
     from optuna._hypervolume import compute_hypervolume  # cross-check against Optuna's own
     rng = np.random.default_rng(0)
     pts = [(float(a), float(c)) for a, c in zip(rng.uniform(0, 1, 30), rng.uniform(1, 32, 30))]
-    ours = searching.hypervolume(pts, (0.0, 32.0))
+    ours = hypervolume_points([a for a, _ in pts], [c for _, c in pts], (0.0, 32.0))
     theirs = compute_hypervolume(np.array([(-a, c) for a, c in pts]), np.array([0.0, 32.0]))
     assert ours == pytest.approx(theirs)
 
@@ -227,7 +230,7 @@ def test_search_records_study_runs_pareto_and_resumes(store, tmp_path):
     cfg = compose(*TINY, *store["overrides"])
     cfg.pop("search")
     cfg["fixed"] = yaml.safe_load(exported[0].read_text())
-    results = searching.run_training(cfg, choices={})
+    results = run_training(cfg, choices={})
     run = MlflowClient().get_run(results["run_id"])
     for key, width in study.trials[n].params.items():
         layer, quantity = key.split(".")[1:3]
@@ -238,7 +241,7 @@ def test_search_records_study_runs_pareto_and_resumes(store, tmp_path):
 
 
 def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(store, tmp_path, monkeypatch):
-    real = searching.run_training
+    real = run_training
 
     class Blowup(keras.callbacks.Callback):  # a failure of the trial itself, not of the input
         def on_train_begin(self, logs=None):
@@ -249,7 +252,7 @@ def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(store, tmp_path
             kwargs["callbacks"] = list(kwargs["callbacks"]) + [Blowup()]
         return real(cfg, **kwargs)
 
-    monkeypatch.setattr(searching, "run_training", flaky)
+    monkeypatch.setattr(search_trials, "run_training", flaky)
     out = tmp_path / "search"
     summary = search(store, out, "search.n_trials=2")
     study = load_study(out, summary["study_name"])
