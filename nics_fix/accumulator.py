@@ -11,7 +11,8 @@ config has an ``accumulator`` entry::
 
 computes its sums exactly instead (float64 operands and sums: exact while a
 sum needs at most 53 bits, see :func:`sum_bits`), expresses each sum in units
-of its least significant bit ``lsb = min(input step * kernel step, bias step)``,
+of its least significant bit ``lsb = min(input step * kernel step, bias step)``
+(an all-zero bias, scale ``MIN_SCALE``, does not count),
 saturates or wraps it to ``bit_width`` bits (the final sum, not every partial
 sum), counts the sums that overflowed, and hands the exact value to the output
 point, which rounds it once. Training and evaluation alike; the gradient passes
@@ -42,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
-from nics_fix.quant import accumulate, pow2
+from nics_fix.quant import MIN_SCALE, accumulate, pow2
 
 #: Layers whose output lies on their input's grid (values are only moved or selected).
 SAME_GRID = ("Flatten", "Reshape", "Dropout", "MaxPooling2D")
@@ -51,9 +52,9 @@ SUMMING = ("Dense", "Conv2D", "DepthwiseConv2D")
 
 
 def keras_type(layer) -> str:
-    """The Keras class a (nics_fix) layer stands for: ``nf.MaxPool2D`` -> ``MaxPooling2D``."""
+    """The nics_fix or Keras class a layer is (or subclasses): ``nf.MaxPool2D`` -> ``MaxPooling2D``."""
     for cls in type(layer).__mro__:
-        if cls.__module__.startswith("keras"):
+        if cls.__module__.startswith(("nics_fix.", "keras")):
             return cls.__name__
     return type(layer).__name__
 
@@ -141,7 +142,10 @@ def lsb_exponent(layer, training: bool):
             "point before the layer) or remove the accumulator entry")
     exponent = e_in + _point_exponent(weights["kernel"], training)
     if "bias" in weights:
-        exponent = tf.minimum(exponent, _point_exponent(weights["bias"], training))
+        bias = weights["bias"]
+        # An all-zero bias (scale MIN_SCALE) adds nothing: it must not drag the lsb down to 2**-100.
+        exponent = tf.where(tf.convert_to_tensor(bias.data_scale) == MIN_SCALE, exponent,
+                            tf.minimum(exponent, _point_exponent(bias, training)))
     return exponent
 
 
