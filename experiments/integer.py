@@ -69,7 +69,8 @@ def evaluate_integer(model, data, run_id: str | None, folder: Path) -> dict:
     engine = nf.IntegerModel.load(found)
     floats = engine.predict(data.x_test).floats
     simulated = model.predict(data.x_test, batch_size=256, verbose=0)
-    accuracy = float(np.mean(np.argmax(floats, axis=-1) == data.y_test))
+    correct = np.sum(np.argmax(floats, axis=-1) == data.y_test)
+    accuracy = float(np.float32(correct) / np.float32(len(floats)))  # as Keras' float32 accuracy metric
     identical = int(np.sum(np.all(floats.reshape(len(floats), -1) == simulated.reshape(len(simulated), -1),
                                   axis=1)))
     return {"integer_test_accuracy": accuracy, "integer_identical_outputs": identical,

@@ -207,3 +207,40 @@ def test_export_format_is_plain_json_and_raw_little_endian_integers(tmp_path, rn
     np.testing.assert_array_equal(np.ldexp(raw.astype(np.float64), spec["exponent"]), quantized)
     assert graph["bytes"] == sum((tmp_path / w["file"]).stat().st_size
                                  for layer in graph["layers"] for w in layer.get("weights", {}).values())
+
+
+@pytest.mark.slow
+def test_export_and_integer_eval_commands_end_to_end_on_digits(tmp_path, mlflow_template):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from experiments.training import run_training
+    from tests.conftest import REPO
+    from tests.test_platform import run_cli
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = OmegaConf.to_container(compose("train", overrides=[
+            "fixed=w8a8", "model.input_bits=8", "model.hidden_units=[16]", "trainer.epochs=1",
+            "trainer.verbose=0", "+fixed.by_name.dense1.accumulator.bit_width=12",
+            f"mlflow.tracking_uri={uri}"]), resolve=True)
+    run_id = run_training(cfg, output_dir=tmp_path / "out")["run_id"]
+    client = MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["accumulator.dense1.sums"] > 0 and metrics["accumulator.dense1.overflows"] >= 0
+
+    done = run_cli(["experiments.export", f"run_id={run_id}", f"mlflow.tracking_uri={uri}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"-> artifact integer_model/ of run {run_id}" in done.stdout
+    assert "integer_model/model.json" in {a.path for a in client.list_artifacts(run_id, "integer_model")}
+    done = run_cli(["experiments.eval", f"run_id={run_id}", "integer=true", f"mlflow.tracking_uri={uri}"],
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(matches the simulator exactly; 360 of 360 outputs bit-identical)" in done.stdout
+    run = client.get_run(run_id).data.metrics
+    assert run["eval.integer_test_accuracy"] == run["test_accuracy"]
