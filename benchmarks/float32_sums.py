@@ -1,0 +1,131 @@
+"""Does the fast simulation misstate the hardware? Float32 sums against exact integer sums.
+
+For a saved model (an MLflow run's ``fixed_model`` or a folder), on its test
+split, in evaluation mode: per summing layer (Dense, Conv2D, DepthwiseConv2D)
+the fraction of pre-activation sums that float32 rounds (the simulator's sum
+differs from the exact one computed in float64 from the same quantized
+operands), and the fraction of the layer's *outputs* (after its output point)
+that change. Then the model's test accuracy in the simulator against the
+integer engine, which never rounds a sum, and how many of the model's outputs
+differ. Optionally the time of an accumulating (exact) step against the
+float32 one.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.float32_sums --run-id <id>          # or --model-path outputs/.../fixed_model
+    python -m benchmarks.float32_sums --run-id <id> --speed
+
+Needs the platform extra (it restores the model with ``experiments.evaluation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import nics_fix as nf  # noqa: E402
+from nics_fix.accumulator import SUMMING, keras_type  # noqa: E402
+from nics_fix.layers.base import _keras_base  # noqa: E402
+
+
+def _sums(layer, x, dtype):
+    """The layer's pre-activation sums with its quantized weights, computed in ``dtype``."""
+    substitutes = {key: tf.cast(point(getattr(layer, key), False), dtype)
+                   for key, point in layer.fixed_points.items() if key != "activation"}
+    object.__setattr__(layer, "_nf_substitutes", substitutes)
+    try:
+        return _keras_base(type(layer)).call(layer, tf.cast(x, dtype)).numpy()
+    finally:
+        object.__setattr__(layer, "_nf_substitutes", None)
+
+
+def layer_report(model, x, batch_size=500) -> dict:
+    out = {}
+    for layer in model.layers:
+        if keras_type(layer) not in SUMMING:
+            continue
+        feeder = keras.Model(model.inputs, layer.input)
+        point = layer.fixed_points.get("activation")
+        rounded = changed = total = 0
+        for i in range(0, len(x), batch_size):
+            inputs = feeder.predict(x[i:i + batch_size], verbose=0)
+            single, exact = _sums(layer, inputs, tf.float32), _sums(layer, inputs, tf.float64)
+            rounded += int(np.sum(single.astype(np.float64) != exact))
+            total += single.size
+            if point is not None:
+                changed += int(np.sum(point(single, False).numpy() != point(exact, False).numpy()))
+        out[layer.name] = {"sums": total, "rounded_in_float32": rounded / total,
+                           "outputs_changed": changed / total,
+                           **{k: v for k, v in nf.sum_exactness(model)[layer.name].items()
+                              if k in ("fan_in", "sum_bits")}}
+    return out
+
+
+def speed(model, x, rounds=5) -> dict:
+    """Median eval time per batch, float32 sums against the accumulating (float64) path."""
+    layers = [layer for layer in model.layers if keras_type(layer) in SUMMING]
+    timings = {"float32": [], "exact": []}
+    configs = {layer: layer._nf_config for layer in layers}
+    run = tf.function(lambda t: model(t, training=False))
+    exact_run = tf.function(lambda t: model(t, training=False))
+    for _ in range(rounds):
+        for name, fn in (("float32", run), ("exact", exact_run)):
+            for layer in layers:
+                object.__setattr__(layer, "_nf_config", configs[layer] if name == "float32" else
+                                   nf.config.LayerFixedConfig(configs[layer].weight, configs[layer].activation,
+                                                              nf.AccumulatorConfig(62, "saturate")))
+                if name == "exact" and not hasattr(layer, "_nf_accumulator_counts"):
+                    nf.accumulator.create_counters(layer)
+            fn(x)  # trace
+            start = time.perf_counter()
+            fn(x)
+            timings[name].append(time.perf_counter() - start)
+    for layer in layers:
+        object.__setattr__(layer, "_nf_config", configs[layer])
+    return {k: float(np.median(v)) for k, v in timings.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-id")
+    parser.add_argument("--model-path")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--speed", action="store_true")
+    args = parser.parse_args(argv)
+    from experiments.evaluation import locate, restore
+    from experiments.integer import evaluate_integer, float_model_bytes
+
+    cfg = {"run_id": args.run_id, "model_path": args.model_path, "mlflow": {"tracking_uri": args.tracking_uri}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, _, _ = locate(cfg, tmp)
+        model, data, _ = restore(folder)
+        for name, report in layer_report(model, data.x_test).items():
+            print(f"{name}: fan-in {report['fan_in']}, sum bound {report['sum_bits']} bits, "
+                  f"{100 * report['rounded_in_float32']:.2f}% of {report['sums']} sums rounded in float32, "
+                  f"{100 * report['outputs_changed']:.3f}% of its outputs changed")
+        simulated = model.predict(data.x_test, batch_size=500, verbose=0)
+        sim_acc = float(np.mean(np.argmax(simulated, -1) == data.y_test))
+        integer = evaluate_integer(model, data, None, Path(tmp) / "integer_model")
+        graph_bytes = sum(f.stat().st_size for f in (Path(tmp) / "integer_model").glob("*.bin"))
+        print(f"test accuracy: simulator {sim_acc:.4f}, integer engine {integer['integer_test_accuracy']:.4f}; "
+              f"{integer['integer_outputs'] - integer['integer_identical_outputs']} of "
+              f"{integer['integer_outputs']} outputs differ")
+        print(f"size: integer arrays {graph_bytes} bytes, float weights {float_model_bytes(model)} bytes")
+        if args.speed:
+            batch = data.x_test[:256]
+            times = speed(model, batch)
+            print(f"eval of 256: float32 sums {1e3 * times['float32']:.1f} ms, exact (float64) "
+                  f"{1e3 * times['exact']:.1f} ms ({times['exact'] / times['float32']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
