@@ -7,13 +7,13 @@ differs from the exact one computed in float64 from the same quantized
 operands), and the fraction of the layer's *outputs* (after its output point)
 that change. Then the model's test accuracy in the simulator against the
 integer engine, which never rounds a sum, and how many of the model's outputs
-differ. Optionally the time of an accumulating (exact) step against the
-float32 one.
+differ. ``--speed`` times the ways to make a sum exact (float64, integer,
+split operands) against float32.
 
 Usage (from the repository root)::
 
     python -m benchmarks.float32_sums --run-id <id>          # or --model-path outputs/.../fixed_model
-    python -m benchmarks.float32_sums --run-id <id> --speed
+    python -m benchmarks.float32_sums --speed                # exact-sum candidates, timed
 
 Needs the platform extra (it restores the model with ``experiments.evaluation``).
 """
@@ -70,28 +70,54 @@ def layer_report(model, x, batch_size=500) -> dict:
     return out
 
 
-def speed(model, x, rounds=5) -> dict:
-    """Median eval time per batch, float32 sums against the accumulating (float64) path."""
-    layers = [layer for layer in model.layers if keras_type(layer) in SUMMING]
-    timings = {"float32": [], "exact": []}
-    configs = {layer: layer._nf_config for layer in layers}
-    run = tf.function(lambda t: model(t, training=False))
-    exact_run = tf.function(lambda t: model(t, training=False))
+def matmul_speed(rounds=15, batch=256, fan_in=784, units=512) -> dict:
+    """Median time of one Dense-sized product, interleaved: float32 (rounds), float64 (the
+    accumulator's exact path), int64 and int32 (TensorFlow's integer matmul; int32 is not
+    exact past 31 bits) and two float32 products of a split kernel (exact only while each
+    half's sums fit 24 bits; 16-bit operands need more splits). Conv2D has no CPU integer kernel."""
+    rng = np.random.default_rng(0)
+    xi, wi = rng.integers(-128, 128, (batch, fan_in)), rng.integers(-128, 128, (fan_in, units))
+    x, w = tf.constant(xi / 128, tf.float32), tf.constant(wi / 128, tf.float32)
+    high = tf.floor(w * 8) / 8
+    candidates = {
+        "float32": (lambda: tf.matmul(x, w)),
+        "float64": (lambda: tf.matmul(tf.cast(x, tf.float64), tf.cast(w, tf.float64))),
+        "int64": (lambda: tf.matmul(tf.constant(xi, tf.int64), tf.constant(wi, tf.int64))),
+        "int32": (lambda: tf.matmul(tf.constant(xi, tf.int32), tf.constant(wi, tf.int32))),
+        "split 2 x float32": (lambda: tf.cast(tf.matmul(x, high), tf.float64)
+                              + tf.cast(tf.matmul(x, w - high), tf.float64)),
+    }
+    functions = {name: tf.function(fn) for name, fn in candidates.items()}
+    timings = {name: [] for name in functions}
+    for name, fn in functions.items():
+        fn()  # trace
     for _ in range(rounds):
-        for name, fn in (("float32", run), ("exact", exact_run)):
-            for layer in layers:
-                object.__setattr__(layer, "_nf_config", configs[layer] if name == "float32" else
-                                   nf.config.LayerFixedConfig(configs[layer].weight, configs[layer].activation,
-                                                              nf.AccumulatorConfig(62, "saturate")))
-                if name == "exact" and not hasattr(layer, "_nf_accumulator_counts"):
-                    nf.accumulator.create_counters(layer)
-            fn(x)  # trace
+        for name, fn in functions.items():
             start = time.perf_counter()
-            fn(x)
+            fn().numpy()
             timings[name].append(time.perf_counter() - start)
-    for layer in layers:
-        object.__setattr__(layer, "_nf_config", configs[layer])
-    return {k: float(np.median(v)) for k, v in timings.items()}
+    return {name: float(np.median(v)) for name, v in timings.items()}
+
+
+def report(cfg) -> None:
+    from experiments.evaluation import locate, restore
+    from experiments.integer import evaluate_integer, float_model_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, _, _ = locate(cfg, tmp)
+        model, data, _ = restore(folder)
+        for name, row in layer_report(model, data.x_test).items():
+            print(f"{name}: fan-in {row['fan_in']}, sum bound {row['sum_bits']} bits, "
+                  f"{100 * row['rounded_in_float32']:.2f}% of {row['sums']} sums rounded in float32, "
+                  f"{100 * row['outputs_changed']:.3f}% of its outputs changed")
+        simulated = model.predict(data.x_test, batch_size=500, verbose=0)
+        sim_acc = float(np.mean(np.argmax(simulated, -1) == data.y_test))
+        integer = evaluate_integer(model, data, None, Path(tmp) / "integer_model")
+        graph_bytes = sum(f.stat().st_size for f in (Path(tmp) / "integer_model").glob("*.bin"))
+        print(f"test accuracy: simulator {sim_acc:.4f}, integer engine {integer['integer_test_accuracy']:.4f}; "
+              f"{integer['integer_outputs'] - integer['integer_identical_outputs']} of "
+              f"{integer['integer_outputs']} outputs differ")
+        print(f"size: integer arrays {graph_bytes} bytes, float weights {float_model_bytes(model)} bytes")
 
 
 def main(argv=None):
@@ -101,30 +127,14 @@ def main(argv=None):
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--speed", action="store_true")
     args = parser.parse_args(argv)
-    from experiments.evaluation import locate, restore
-    from experiments.integer import evaluate_integer, float_model_bytes
 
-    cfg = {"run_id": args.run_id, "model_path": args.model_path, "mlflow": {"tracking_uri": args.tracking_uri}}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, _, _ = locate(cfg, tmp)
-        model, data, _ = restore(folder)
-        for name, report in layer_report(model, data.x_test).items():
-            print(f"{name}: fan-in {report['fan_in']}, sum bound {report['sum_bits']} bits, "
-                  f"{100 * report['rounded_in_float32']:.2f}% of {report['sums']} sums rounded in float32, "
-                  f"{100 * report['outputs_changed']:.3f}% of its outputs changed")
-        simulated = model.predict(data.x_test, batch_size=500, verbose=0)
-        sim_acc = float(np.mean(np.argmax(simulated, -1) == data.y_test))
-        integer = evaluate_integer(model, data, None, Path(tmp) / "integer_model")
-        graph_bytes = sum(f.stat().st_size for f in (Path(tmp) / "integer_model").glob("*.bin"))
-        print(f"test accuracy: simulator {sim_acc:.4f}, integer engine {integer['integer_test_accuracy']:.4f}; "
-              f"{integer['integer_outputs'] - integer['integer_identical_outputs']} of "
-              f"{integer['integer_outputs']} outputs differ")
-        print(f"size: integer arrays {graph_bytes} bytes, float weights {float_model_bytes(model)} bytes")
-        if args.speed:
-            batch = data.x_test[:256]
-            times = speed(model, batch)
-            print(f"eval of 256: float32 sums {1e3 * times['float32']:.1f} ms, exact (float64) "
-                  f"{1e3 * times['exact']:.1f} ms ({times['exact'] / times['float32']:.2f}x)")
+    if args.run_id or args.model_path:
+        report({"run_id": args.run_id, "model_path": args.model_path,
+                "mlflow": {"tracking_uri": args.tracking_uri}})
+    if args.speed:
+        times = matmul_speed()
+        print("256 x 784 @ 784 x 512, median ms: " + ", ".join(
+            f"{name} {1e3 * t:.1f} ({t / times['float32']:.2f}x)" for name, t in times.items()))
 
 
 if __name__ == "__main__":
