@@ -168,12 +168,12 @@ def _input_bound(layer, training: bool):
 def sum_exactness(model, training: bool = False) -> dict:
     """Per summing layer: whether float32 computes its sums exactly, from its formats.
 
-    ``{layer: {"fan_in", "sum_bits", "exact_in_float32", "accumulator"}}``: ``sum_bits``
+    ``{layer: {"fan_in", "sum_bits", "exact_in_float32", "accumulator", "exact"}}``: ``sum_bits``
     bounds the bits (sign included) of any partial sum in units of the layer's
     lsb: fan-in x largest input x largest kernel value, plus the largest bias.
     Float32 holds every integer up to 2**24, so ``sum_bits <= 25`` means exact.
-    A layer with an accumulator entry is always exact (``exact_in_float32`` then
-    says whether it would have been without one). Layers with a float input,
+    ``exact``: whether the simulator's sums are exact, in float32 or, with an
+    accumulator entry, in float64 (``sum_bits <= 54``). Layers with a float input,
     kernel or bias get ``sum_bits: None``.
     """
     from nics_fix.introspect import fixed_layers
@@ -202,7 +202,9 @@ def sum_exactness(model, training: bool = False) -> dict:
         config = layer.fixed_config.accumulator
         out[layer.name] = {"fan_in": fan_in, "sum_bits": bits,
                            "exact_in_float32": bits is not None and bits <= 25,
-                           "accumulator": None if config is None else config.to_dict()}
+                           "accumulator": None if config is None else config.to_dict(),
+                           # the accumulator's float64 sums hold integers up to 2**53
+                           "exact": bits is not None and bits <= (25 if config is None else 54)}
     return out
 
 

@@ -87,8 +87,10 @@ def test_integer_engine_equals_simulator_bit_for_bit(name, bits, acc, tmp_path, 
     graph = assert_bit_exact(model, x, tmp_path)
     summing = [layer for layer in graph["layers"] if layer["type"] in SUMMING]
     assert all((layer["accumulator"] is not None) == (acc is not None) for layer in summing)
+    report = nf.sum_exactness(model)
+    assert set(report) == {layer["name"] for layer in summing} and all(r["exact"] for r in report.values())
     if acc is None:  # without an accumulator, exactness rests on float32 holding the sums
-        assert all(r["exact_in_float32"] for r in nf.sum_exactness(model).values())
+        assert all(r["exact_in_float32"] for r in report.values())
 
 
 def test_16_bit_sums_round_in_float32_and_the_accumulator_makes_them_exact(tmp_path, rng):
