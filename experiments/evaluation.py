@@ -62,32 +62,54 @@ def restore(folder: Path):
     return model, data, train_cfg
 
 
-def run_eval(cfg: Mapping) -> dict:
-    """Evaluate a saved model; log to its run, a new run, or nowhere (``log_to``)."""
+def locate(cfg: Mapping, tmp) -> tuple[Path, float | None, str | None]:
+    """``(fixed_model folder, recorded test accuracy, run id)`` from ``run_id=`` or ``model_path=``
+    (a run's artifact is downloaded into ``tmp``); sets up tracking."""
     mlcfg = cfg.get("mlflow") or {}
     run_id, model_path = cfg.get("run_id"), cfg.get("model_path")
     run_id = None if run_id is None else str(run_id)  # an all-digit id arrives as an int from Hydra
     if bool(run_id) == bool(model_path):
         raise EvalInputError("give exactly one of run_id=<MLflow run id> or model_path=<fixed_model folder>")
     tracking.setup(mlcfg.get("tracking_uri"), mlcfg.get("experiment_name", "nics_fix"))
+    if run_id:
+        try:
+            recorded = mlflow.get_run(run_id).data.metrics.get("test_accuracy")
+            folder = Path(tracking.artifact_dir_of(run_id, "fixed_model", tmp))
+        except MlflowException as err:
+            raise EvalInputError(f"run_id={run_id}: cannot read the run's fixed_model artifact "
+                                 f"from {mlflow.get_tracking_uri()}: {err.message}") from None
+        return folder, recorded, run_id
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise EvalInputError(f"model_path={folder}: no such folder")
+    return folder, None, None
+
+
+def run_eval(cfg: Mapping) -> dict:
+    """Evaluate a saved model; log to its run, a new run, or nowhere (``log_to``).
+
+    ``integer=true`` also runs the integer engine on the test split (see
+    :mod:`experiments.integer`) and says whether it matches the simulator exactly.
+    """
+    model_path = cfg.get("model_path")
     with tempfile.TemporaryDirectory() as tmp:
-        if run_id:
-            try:
-                recorded = mlflow.get_run(run_id).data.metrics.get("test_accuracy")
-                folder = Path(tracking.artifact_dir_of(run_id, "fixed_model", tmp))
-            except MlflowException as err:
-                raise EvalInputError(f"run_id={run_id}: cannot read the run's fixed_model artifact "
-                                     f"from {mlflow.get_tracking_uri()}: {err.message}") from None
-        else:
-            folder, recorded = Path(model_path), None
-            if not folder.is_dir():
-                raise EvalInputError(f"model_path={folder}: no such folder")
+        folder, recorded, run_id = locate(cfg, tmp)
         model, data, train_cfg = restore(folder)
         loss, accuracy = evaluate(model, data, int(train_cfg["trainer"].get("batch_size", 64)))
+        integer = None
+        if cfg.get("integer"):
+            from experiments.integer import evaluate_integer
+
+            integer = evaluate_integer(model, data, run_id, Path(tmp) / "integer_model")
     results = {"test_loss": loss, "test_accuracy": accuracy, "recorded_test_accuracy": recorded,
                "reproduced": recorded is not None and recorded == accuracy}
+    if integer is not None:
+        results.update(integer)
+        results["integer_matches"] = integer["integer_test_accuracy"] == accuracy
     log_to = cfg.get("log_to", "same")
     metrics = {"eval.test_loss": loss, "eval.test_accuracy": accuracy}
+    if integer is not None:
+        metrics["eval.integer_test_accuracy"] = integer["integer_test_accuracy"]
     if log_to == "same" and run_id:
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics(metrics)

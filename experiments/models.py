@@ -7,7 +7,7 @@ MLP, LeNet-5 and VGG11 are built from ``nics_fix`` layers inside a
 with ``nf.fixed_model``.
 
 Layer names are stable and predictable (``dense1``, ``conv1``, ``bn1``,
-``relu1``, ...), because per-layer bit allocations (``fixed.by_name``),
+``relu1``, ...; ``input_quant``, the input point, when ``input_bits`` is set), because per-layer bit allocations (``fixed.by_name``),
 MLflow params (``bits.dense1.weight.data``) and the search all key on them.
 
 >>> model, scope = build_model({"name": "mlp", "hidden_units": [16]}, (8, 8, 1), 10)  # doctest: +SKIP
@@ -123,9 +123,18 @@ def check_model_config(model_cfg: Mapping) -> None:
                                    f"(e.g. model.{key}=[128,64])")
     if "width" in model_cfg and not (_is_number(model_cfg["width"]) and model_cfg["width"] > 0):
         raise ModelConfigError(f"model.width: expected a positive number, got {model_cfg['width']!r}")
+    input_bits = model_cfg.get("input_bits")
+    if input_bits is not None and (not isinstance(input_bits, int) or isinstance(input_bits, bool)
+                                   or not 1 <= input_bits <= 32):
+        raise ModelConfigError(f"model.input_bits: expected null or an integer from 1 to 32, got {input_bits!r}")
     dropout = model_cfg.get("dropout") or 0.0
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise ModelConfigError(f"model.dropout: expected a number in [0, 1), got {model_cfg.get('dropout')!r}")
+
+
+def _input_point(bits: int) -> dict:
+    """The model's input point: the integer export and engine need the input in fixed point."""
+    return {"activation": {"data_config": {"bit_width": bits, "training": "auto", "not_training": "fixed"}}}
 
 
 def build_model(model_cfg: Mapping, input_shape, num_classes: int, fixed_cfg=None, strategy_cfg=None):
@@ -148,7 +157,10 @@ def build_model(model_cfg: Mapping, input_shape, num_classes: int, fixed_cfg=Non
     names = _Names()
     with nf.fixed_scope(name, fixed_cfg, strategy_cfg) as scope:
         inputs = keras.Input(tuple(input_shape), name="inputs")
-        outputs = _BUILDERS[name](inputs, num_classes, model_cfg, names)
+        x = inputs
+        if model_cfg.get("input_bits") is not None:
+            x = nf.Quantize(name="input_quant", fixed_config=_input_point(model_cfg["input_bits"]))(x)
+        outputs = _BUILDERS[name](x, num_classes, model_cfg, names)
         model = keras.Model(inputs, outputs, name=name)
     return model, scope
 

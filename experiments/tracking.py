@@ -13,8 +13,9 @@ them), so they are defined here once:
   params are JSON throughout);
 * metrics per epoch (``step`` = epoch): ``train_loss``, ``train_accuracy``,
   ``val_loss``, ``val_accuracy``, any other epoch log (e.g. THDH counters
-  ``update_zero_frac/<layer>/<var>``), and ``scale.<layer>.<variable>.<data|grad>``
-  for every quantized direction of every point;
+  ``update_zero_frac/<layer>/<var>``), ``scale.<layer>.<variable>.<data|grad>``
+  for every quantized direction of every point, and per layer with an
+  accumulator entry ``accumulator.<layer>.overflows`` / ``.sums`` (counts so far);
 * final metrics ``test_loss``, ``test_accuracy``, and the cost model:
   ``cost.total_weight_bits``, ``cost.avg_weight_bits``,
   ``cost.avg_activation_bits``, ``cost.bops``, ``cost.train_bops``;
@@ -133,6 +134,15 @@ def scale_metrics(model) -> dict[str, float]:
     return out
 
 
+def accumulator_metrics(model) -> dict[str, float]:
+    """Per layer with an accumulator entry: sums that overflowed its width, and all sums, so far."""
+    out = {}
+    for layer, counts in nf.accumulator_counters(model).items():
+        out[f"accumulator.{layer}.overflows"] = float(counts["overflows"])
+        out[f"accumulator.{layer}.sums"] = float(counts["sums"])
+    return out
+
+
 def layer_order_param(model) -> dict[str, str]:
     """``model.layers``: the fixed layers in model order (MLflow sorts params by name)."""
     names = [layer.name for layer in nf.introspect.fixed_layers(model)]
@@ -172,7 +182,7 @@ def log_batch(run_id: str, metrics=None, params=None, tags=None, step: int = 0) 
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's Keras logs and every point's scales to an MLflow run."""
+    """Logs every epoch's Keras logs, every point's scales and the accumulator counters to an MLflow run."""
 
     def __init__(self, run_id: str):
         super().__init__()
@@ -181,6 +191,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         metrics = epoch_metrics(logs)
         metrics.update(scale_metrics(self.model))
+        metrics.update(accumulator_metrics(self.model))
         log_batch(self.run_id, metrics=metrics, step=epoch)
 
 

@@ -89,3 +89,13 @@ from nics_fix.layers import (  # noqa: E402
     SeparableConv2D,
 )
 from nics_fix.convert import ConversionError, fixed_model, unsupported_layers  # noqa: E402
+
+# Integer deployment: exact sums and accumulator width, integer export, the integer engine.
+from nics_fix.accumulator import (  # noqa: E402
+    accumulator_counters,
+    reset_accumulator_counters,
+    sum_exactness,
+)
+from nics_fix.config import AccumulatorConfig  # noqa: E402
+from nics_fix.export import ExportError, export_integer_model  # noqa: E402
+from nics_fix.integer_engine import IntegerModel, IntegerModelError, IntegerOutput  # noqa: E402

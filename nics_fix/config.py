@@ -78,6 +78,9 @@ GRANULARITIES = ("tensor", "channel", "block")
 SCALE_DEFAULTS = {"granularity": "tensor", "block_size": None, "axis": None,
                   "overflow_rate": 1e-4, "window": 1}
 QUANTITIES = ("weight", "activation")
+#: Keys of a layer entry: its two quantities and the optional accumulator of its sums.
+LAYER_KEYS = QUANTITIES + ("accumulator",)
+OVERFLOW_MODES = ("saturate", "wrap")
 
 
 class ConfigError(ValueError):
@@ -273,26 +276,45 @@ class PointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AccumulatorConfig:
+    """The accumulator of a layer's sums (Dense, Conv2D, DepthwiseConv2D):
+    ``bit_width`` bits (sign included) whose least significant bit is the
+    finest step among ``input step * kernel step`` and the bias step;
+    ``overflow`` is ``saturate`` (clip) or ``wrap`` (two's complement).
+    With one, the layer's sums are computed exactly (see :mod:`nics_fix.accumulator`)."""
+
+    bit_width: int = 32
+    overflow: str = "saturate"
+
+    def to_dict(self) -> dict:
+        return {"bit_width": self.bit_width, "overflow": self.overflow}
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerFixedConfig:
     """The resolved config of one layer: its weight and activation points."""
 
     weight: PointConfig = PointConfig()
     activation: PointConfig = PointConfig()
+    accumulator: Union[AccumulatorConfig, None] = None
 
     @property
     def is_float(self) -> bool:
         return self.weight.is_float and self.activation.is_float
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+        out = {"weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+        if self.accumulator is not None:
+            out["accumulator"] = self.accumulator.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, value, key_path: str = "", source: str | None = None) -> "LayerFixedConfig":
-        """Build from a ``{weight: ..., activation: ...}`` mapping (no config_name)."""
+        """Build from a ``{weight: ..., activation: ..., accumulator: ...}`` mapping (no config_name)."""
         if isinstance(value, LayerFixedConfig):
             return value
         value = _check_mapping(value if value is not None else {}, key_path, source)
-        _check_keys(value, QUANTITIES, key_path, source)
+        _check_keys(value, LAYER_KEYS, key_path, source)
         return _complete(_parse_layer_fields(value, key_path, source), key_path, source)
 
 
@@ -355,8 +377,29 @@ def _parse_point(value, path, source, quantity) -> dict:
     return out
 
 
+def _parse_accumulator(value, path, source) -> dict:
+    value = _check_mapping(value, path, source)
+    _check_keys(value, ("bit_width", "overflow"), path, source)
+    out = {}
+    if "bit_width" in value:
+        bits = value["bit_width"]
+        if not _is_int(bits) or not 2 <= int(bits) <= 62:
+            raise ConfigError(f"accumulator bit_width must be an integer from 2 to 62, got {bits!r}",
+                              _join(path, "bit_width"), source)
+        out["bit_width"] = int(bits)
+    if "overflow" in value:
+        if value["overflow"] not in OVERFLOW_MODES:
+            raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}, got {value['overflow']!r}",
+                              _join(path, "overflow"), source)
+        out["overflow"] = value["overflow"]
+    return out
+
+
 def _parse_layer_fields(value: Mapping, path, source) -> dict:
-    return {q: _parse_point(value[q], _join(path, q), source, q) for q in QUANTITIES if q in value}
+    out = {q: _parse_point(value[q], _join(path, q), source, q) for q in QUANTITIES if q in value}
+    if value.get("accumulator") is not None:
+        out["accumulator"] = _parse_accumulator(value["accumulator"], _join(path, "accumulator"), source)
+    return out
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -406,11 +449,16 @@ def _complete(fields: dict, path: str, source) -> LayerFixedConfig:
         points[quantity] = PointConfig(
             data=DataConfig(**data), gradient=GradientConfig(**grad), storage=StorageConfig(**storage)
         )
+    if "accumulator" in fields:
+        points["accumulator"] = AccumulatorConfig(**fields["accumulator"])
     return LayerFixedConfig(**points)
 
 
 def _layer_config_to_fields(cfg: LayerFixedConfig) -> dict:
-    return {q: getattr(cfg, q).to_dict() for q in QUANTITIES}
+    out = {q: getattr(cfg, q).to_dict() for q in QUANTITIES}
+    if cfg.accumulator is not None:
+        out["accumulator"] = cfg.accumulator.to_dict()
+    return out
 
 
 class FixedConfig:
@@ -429,7 +477,7 @@ class FixedConfig:
         for name, block in _check_mapping(configs or {}, "configs", source).items():
             path = _join("configs", name)
             block = _check_mapping(block if block is not None else {}, path, source)
-            _check_keys(block, QUANTITIES, path, source)
+            _check_keys(block, LAYER_KEYS, path, source)
             self._configs[name] = _parse_layer_fields(block, path, source)
         by_type = canonical_by_type(_check_mapping(by_type or {}, "by_type", source), source)
         for attr, section in (("_by_type", by_type), ("_by_name", by_name)):
@@ -450,7 +498,7 @@ class FixedConfig:
         if isinstance(entry, str):  # shorthand: `Conv2D: fix8`
             entry = {"config_name": entry}
         entry = _check_mapping(entry if entry is not None else {}, path, self.source)
-        _check_keys(entry, ("config_name",) + QUANTITIES, path, self.source)
+        _check_keys(entry, ("config_name",) + LAYER_KEYS, path, self.source)
         base = entry.get("config_name")
         if base is not None:
             if not isinstance(base, str):

@@ -129,6 +129,12 @@ def _as_float32(x) -> tf.Tensor:
     return x if x.dtype == tf.float32 else tf.cast(x, tf.float32)
 
 
+def _as_float(x) -> tf.Tensor:
+    """float64 stays float64 (exact sums of an accumulator); anything else becomes float32."""
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype in (tf.float32, tf.float64) else tf.cast(x, tf.float32)
+
+
 def _auto_scale_pow2(x):
     """:func:`auto_scale` and ``2.0 ** scale`` (float32), without recomputing the power."""
     return _pow2_ceil(_abs_max_finite(_as_float32(x))[0])
@@ -390,7 +396,14 @@ def _one_range(fmt: _Format) -> bool:
 
 
 def _quantize(x, fmt: _Format, rounding: str, seed=None):
-    """:func:`fixed_point_quantize` of float32 ``x`` in the format ``fmt``."""
+    """:func:`fixed_point_quantize` of float32 ``x`` in the format ``fmt``.
+
+    A float64 ``x`` (an exact sum, see :mod:`nics_fix.accumulator`) is rounded
+    in float64, with the same plain ops, so a value with more significant bits
+    than float32 holds is rounded once, onto the grid, never twice.
+    """
+    if x.dtype == tf.float64:
+        return _quantize_float64(x, fmt, rounding, seed)
     # Per-channel and per-block formats take the plain ops: TensorFlow's
     # per-channel fused kernel (QuantizeAndDequantizeV3 with an axis) measured
     # slower than them in a training step.
@@ -406,18 +419,28 @@ def _quantize(x, fmt: _Format, rounding: str, seed=None):
         # gradient is the identity): use quantize_ste for the straight-through one.
         return tf.stop_gradient(y)
     step, inv_step = fmt.steps()
-    v = x * inv_step  # exact: multiplying by a power of two
-    if rounding == "nearest":
-        q = tf.round(v)
-    elif rounding == "floor":
-        q = tf.floor(v)
-    else:
-        # floor(v) + [u < frac(v)] instead of floor(v + u): adding u to a large
-        # v would round in float32 and move values that are already on the grid.
-        lower = tf.floor(v)
-        up = _uniform(tf.shape(v), seed) < (v - lower)
-        q = lower + tf.cast(up, tf.float32)
+    q = _round_steps(x * inv_step, rounding, seed)  # exact: multiplying by a power of two
     return tf.clip_by_value(q * step, fmt.low, fmt.high)
+
+
+def _round_steps(v, rounding: str, seed=None):
+    """``v`` (in steps) rounded to an integer value, in ``v``'s float dtype."""
+    if rounding == "nearest":
+        return tf.round(v)
+    if rounding == "floor":
+        return tf.floor(v)
+    # floor(v) + [u < frac(v)] instead of floor(v + u): adding u to a large
+    # v would round in float and move values that are already on the grid.
+    lower = tf.floor(v)
+    up = tf.cast(_uniform(tf.shape(v), seed), v.dtype) < (v - lower)
+    return lower + tf.cast(up, v.dtype)
+
+
+def _quantize_float64(x, fmt: _Format, rounding: str, seed=None):
+    step, inv_step = (tf.cast(v, tf.float64) for v in fmt.steps())
+    p = tf.cast(fmt.p, tf.float64)
+    q = _round_steps(x * inv_step, rounding, seed)
+    return tf.clip_by_value(q * step, -p, p - step)
 
 
 def fixed_point_quantize(x, bit_width, scale, rounding: str = "nearest", seed=None,
@@ -491,12 +514,15 @@ def _quantize_ste(x, fmt: _Format, rounding: str, seed=None, all_inside=None):
 
     @tf.custom_gradient
     def _quantize_fn(x):
-        y = _quantize(_as_float32(x), fmt, rounding, seed)
+        y = _quantize(_as_float(x), fmt, rounding, seed)
 
         def grad(dy):
             def masked():
                 lo, hi = low, high
-                if x.dtype != tf.float32:
+                if x.dtype == tf.float64:
+                    step = tf.cast(fmt.steps()[0], tf.float64)
+                    lo, hi = tf.cast(low, tf.float64), tf.cast(fmt.p, tf.float64) - step
+                elif x.dtype != tf.float32:
                     lo, hi = tf.cast(lo, x.dtype), tf.cast(hi, x.dtype)
                 inside = tf.logical_and(x >= lo, x <= hi)
                 return tf.where(inside, dy, tf.zeros([], dy.dtype))
@@ -521,6 +547,88 @@ def quantize_ste(x, bit_width, scale, rounding: str = "nearest", seed=None) -> t
     return _quantize_ste(x, _Format(bit_width, scale), rounding, seed)
 
 
+# ----------------------------------------------------------------------------
+# The same format on integers. A value on the grid of (bit_width, scale) is
+# ``m * 2**e`` with the integer mantissa ``m`` in [-2**(w-1), 2**(w-1) - 1] and
+# the step exponent ``e = scale - bit_width + 1``. An integer datapath keeps
+# ``m`` and knows ``e``; moving a value to a coarser step is a right shift, and
+# the rounding of that shift is the integer realisation of the rounding above:
+# ``floor`` is the arithmetic right shift, ``nearest`` adds the ties-to-even
+# correction from the bits shifted out. Both equal fixed_point_quantize of the
+# exact value m * 2**e (then clipping), which is what the tests check.
+# ----------------------------------------------------------------------------
+
+
+def step_exponent(bit_width: int, scale):
+    """``scale - bit_width + 1``: the power of two of one step (scale clamped as everywhere)."""
+    return np.clip(np.asarray(scale, np.int64), MIN_SCALE, MAX_SCALE) - (check_bit_width(bit_width) - 1)
+
+
+def integer_mantissa(x, bit_width: int, scale, rounding: str = "nearest") -> np.ndarray:
+    """``fixed_point_quantize(x, bit_width, scale, rounding) / step`` as int64 (exact).
+
+    ``scale`` may be an integer array broadcastable over ``x`` (one scale per
+    channel or block).
+    """
+    q = np.asarray(fixed_point_quantize(x, bit_width, scale, rounding), np.float64)
+    m = np.ldexp(q, -step_exponent(bit_width, scale))  # a power-of-two multiply: exact
+    return m.astype(np.int64)
+
+
+def shift_round(m, shift, rounding: str = "nearest") -> np.ndarray:
+    """``m * 2**-shift`` rounded to an integer (int64; ``shift`` may be negative: exact left shift).
+
+    ``nearest`` rounds ties to even and ``floor`` toward -inf, exactly as
+    :func:`fixed_point_quantize` rounds ``m * 2**e`` to a grid ``shift`` steps coarser.
+    Stochastic rounding is a training device; evaluation rounds to nearest.
+    """
+    check_rounding(rounding)
+    m = np.asarray(m, np.int64)
+    shift = np.asarray(shift, np.int64)
+    right = np.maximum(shift, 0)
+    m = np.left_shift(m, np.maximum(-shift, 0))
+    floor = np.right_shift(m, right)  # arithmetic shift: floor for negative m too
+    if rounding == "floor":
+        return floor
+    remainder = m - np.left_shift(floor, right)  # in [0, 2**right)
+    half = np.left_shift(np.int64(1), np.maximum(right - 1, 0))
+    up = (right > 0) & ((remainder > half) | ((remainder == half) & (floor % 2 == 1)))
+    return floor + up
+
+
+def saturate_integer(m, bit_width: int) -> np.ndarray:
+    """Clip int64 ``m`` to the ``bit_width``-bit two's-complement range."""
+    top = np.int64(1) << np.int64(bit_width - 1)
+    return np.clip(np.asarray(m, np.int64), -top, top - 1)
+
+
+def wrap_integer(m, bit_width: int) -> np.ndarray:
+    """Keep the low ``bit_width`` bits of int64 ``m`` as a two's-complement number."""
+    top = np.int64(1) << np.int64(bit_width - 1)
+    return ((np.asarray(m, np.int64) + top) & (2 * top - 1)) - top
+
+
+def requantize_integer(m, exponent, bit_width: int, out_exponent, rounding: str = "nearest") -> np.ndarray:
+    """``m * 2**exponent`` in the format with step ``2**out_exponent`` and ``bit_width`` bits:
+    the integer form of :func:`fixed_point_quantize` (round, then saturate)."""
+    return saturate_integer(shift_round(m, np.asarray(out_exponent) - np.asarray(exponent), rounding), bit_width)
+
+
+def accumulate(total, lsb, bit_width: int, overflow: str):
+    """The accumulator on an exact float64 sum ``total`` whose step is ``lsb``:
+    ``(kept, overflowed)``, ``kept`` saturated or wrapped to ``bit_width`` bits
+    (the same as :func:`saturate_integer` / :func:`wrap_integer` on ``total / lsb``)."""
+    units = total / lsb  # exact: a power of two
+    top = float(2 ** (bit_width - 1))
+    overflowed = tf.logical_or(units < -top, units > top - 1)
+    if overflow == "saturate":
+        kept = tf.clip_by_value(units, -top, top - 1)
+    else:
+        # units - 2**N * floor((units + 2**(N-1)) / 2**N); floor has no gradient: straight through
+        kept = units - 2 * top * tf.stop_gradient(tf.floor((units + top) / (2 * top)))
+    return kept * lsb, overflowed
+
+
 __all__ = [
     "MAX_BIT_WIDTH",
     "MAX_SCALE",
@@ -529,7 +637,14 @@ __all__ = [
     "ROUNDING_MODES",
     "ScaleGroups",
     "auto_scale",
+    "accumulate",
     "fixed_point_quantize",
+    "integer_mantissa",
+    "requantize_integer",
+    "saturate_integer",
+    "shift_round",
+    "step_exponent",
+    "wrap_integer",
     "quantization_step",
     "quantize_ste",
     "representable_range",

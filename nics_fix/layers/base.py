@@ -13,7 +13,9 @@ import inspect
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from nics_fix import accumulator
 from nics_fix.config import LayerFixedConfig
 from nics_fix.layer_types import register_layer_type
 from nics_fix.point import FixedPoint
@@ -137,6 +139,11 @@ class FixedLayer(ScopedLayer):
 
     def build(self, input_shape):
         super().build(input_shape)
+        if self._nf_config.accumulator is not None:
+            if accumulator.keras_type(self) not in accumulator.SUMMING:
+                raise ValueError(f"layer {self.name} ({type(self).__name__}): an accumulator entry applies to "
+                                 f"{', '.join(accumulator.SUMMING)} only")
+            accumulator.create_counters(self)
         strategy = build_strategy(self._nf_strategy_config)
         for key in self.fixed_weights:
             variable = getattr(self, key, None)
@@ -163,19 +170,24 @@ class FixedLayer(ScopedLayer):
 
     def call(self, inputs, training=None, **kwargs):
         training = _as_training_flag(training)
+        if self._nf_parent_takes_training:
+            kwargs["training"] = training
+        output_point = self._nf_points.get("activation")
+        if self._nf_config.accumulator is not None:
+            outputs = accumulator.exact_sums(self, inputs, training, lambda x: super(FixedLayer, self).call(x, **kwargs))
+            if output_point is not None:
+                outputs = output_point(outputs, training)
+            return tf.cast(outputs, tf.float32)
         substitutes = {
             key: point(getattr(self, key), training)
             for key, point in self._nf_points.items()
             if key != "activation" and not point.is_identity(training)
         }
-        if self._nf_parent_takes_training:
-            kwargs["training"] = training
         object.__setattr__(self, "_nf_substitutes", substitutes)
         try:
             outputs = super().call(inputs, **kwargs)
         finally:
             object.__setattr__(self, "_nf_substitutes", None)
-        output_point = self._nf_points.get("activation")
         return outputs if output_point is None else output_point(outputs, training)
 
     # Keras layers such as Dense save only the weights they know about; the
