@@ -506,10 +506,9 @@ def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | Non
     except (SearchConfigError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, refused, wrong directions: one answer
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SearchConfigError(
             f"search.storage={safe_url(storage_url)}: cannot open Optuna study {study_name!r} there "
-            f"({type(err).__name__}: {text})\nFix: give an SQLAlchemy database URL that this machine can reach, "
+            f"({tracking.database_error_text(err)})\nFix: give an SQLAlchemy database URL that this machine can reach, "
             "e.g. sqlite:///path/optuna.db or postgresql+psycopg2://user:pass@host/db (null: sqlite "
             "in the run directory); a study of another search needs another search.study_name.") from None
     want = {"search.objective": opts["objective"], "search.cost": opts["cost"]}
@@ -1185,14 +1184,16 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
         params.update(tracking.flatten(cfg.get(group) or {}, group))
     params.update({f"choice.{k}": v for k, v in choices.items()})
     tracking.log_batch(run_id, params=params)
-    mlflow.log_text(yaml.safe_dump({**cfg, "search": opts}, sort_keys=False), "config/search_config.yaml")
+    mlflow.log_text(yaml.safe_dump(tracking.without_passwords({**cfg, "search": opts}), sort_keys=False),
+                    "config/search_config.yaml")
 
     metric = "val_accuracy" if len(data.x_val) else "test_accuracy"
     print(f"search {study_name}: {len(space)} points, {len(search_params(space))} parameters over widths "
           f"{opts['widths']}; {opts['objective']} ({metric}, {opts['cost']}), sampler {opts['sampler']}, "
           f"pruner {pruner_name(opts)}; storage {safe_url(storage_url)} ({len(study.trials)} trials stored); "
           f"MLflow parent run {run_id}", flush=True)
-    reference = _float_reference(cfg, opts, study, choices)
+    with tracking.store_lock(storage_url):  # workers starting together: one trains it, the others read it
+        reference = _float_reference(cfg, opts, study, choices)
     target = None if reference is None else float(reference["accuracy"]) - float(opts["accuracy_delta"])
     study.pruner = make_pruner(opts, int(cfg["trainer"].get("epochs", 1)), target)
     waiting = enqueue_uniform_baseline(study, space, opts["widths"]) if opts["baseline"] == "uniform" else 0

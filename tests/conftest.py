@@ -68,3 +68,35 @@ def fix8():
     import copy
 
     return copy.deepcopy(FIX8)
+
+
+@pytest.fixture
+def postgres_database():
+    """``(url, password)``: a fresh PostgreSQL database owned by a fresh role with a password of its own.
+
+    On the server of ``NICS_FIX_TEST_POSTGRES`` (CI sets it, see .ci/postgres.sh); dropped afterwards.
+    The password occurs nowhere else, so a test can look for it in what a job recorded.
+    """
+    import uuid
+
+    url = os.environ.get("NICS_FIX_TEST_POSTGRES")
+    if not url:
+        pytest.skip("NICS_FIX_TEST_POSTGRES (a PostgreSQL URL, see .ci/postgres.sh) is not set")
+    import sqlalchemy
+
+    server = sqlalchemy.engine.make_url(url)
+    name = f"nics_fix_t{uuid.uuid4().hex[:10]}"
+    password = f"pw{uuid.uuid4().hex}"
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+        conn.execute(sqlalchemy.text(f"GRANT {name} TO CURRENT_USER"))  # PostgreSQL 15: to make it the owner
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name} OWNER {name}"))
+    try:
+        yield server.set(username=name, password=password, database=name).render_as_string(hide_password=False), \
+            password
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {name}"))
+        admin.dispose()
