@@ -270,8 +270,14 @@ def _probe(uri: str) -> None:
 
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT)
+            # /health answers anyone; an authenticated server (mlflow server --app-name basic-auth)
+            # refuses the first real request with a page of HTML and a traceback: say it here.
+            answer = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                  params={"max_results": 1}, timeout=CONNECT_TIMEOUT, **_credentials())
         except requests.RequestException as err:
             raise _tracking_error(uri, f"no tracking server answers there ({type(err).__name__}: {err})") from None
+        if answer.status_code in (401, 403):
+            raise TrackingError(_refusal(uri, answer.status_code))
     elif uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         _probe_sqlite_file(uri, Path(uri[len("sqlite:///"):]))
     elif scheme in ("postgresql", "mysql", "mssql"):
@@ -286,6 +292,27 @@ def _probe(uri: str) -> None:
                 engine.dispose()
         except Exception as err:  # noqa: BLE001 - driver missing, bad URL, refused, auth: all one answer
             raise _tracking_error(uri, f"cannot connect to the database ({database_error_text(err)})") from None
+
+
+def _credentials() -> dict:
+    """``requests`` arguments with the credentials MLflow's own client sends (its environment variables)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"auth": (user, password)}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
+
+
+def _refusal(uri: str, status: int) -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        return (f"mlflow.tracking_uri={uri}: the tracking server refuses user {user!r} access (HTTP 403); "
+                "ask its admin for permission on the experiment")
+    if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return (f"mlflow.tracking_uri={uri}: the tracking server refused user {user!r} with the password in "
+                "MLFLOW_TRACKING_PASSWORD (HTTP 401); check both variables")
+    return (f"mlflow.tracking_uri={uri}: the tracking server asks for a user name and password (HTTP 401); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
 
 
 def _probe_sqlite_file(uri: str, path: Path) -> None:
