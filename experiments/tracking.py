@@ -274,6 +274,8 @@ def _probe(uri: str) -> None:
             # refuses the first real request with a page of HTML and a traceback: say it here.
             answer = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
                                   params={"max_results": 1}, timeout=CONNECT_TIMEOUT, **_credentials())
+        except requests.ReadTimeout:
+            return  # a server is there, busy: MLflow's own requests wait longer and retry
         except requests.RequestException as err:
             raise _tracking_error(uri, f"no tracking server answers there ({type(err).__name__}: {err})") from None
         if answer.status_code in (401, 403):
