@@ -184,7 +184,7 @@ def _poll(condition, timeout: float, what: str, procs=()):
             return found
         if procs and all(p.poll() is not None for p in procs):
             pytest.fail(f"every worker ended before {what}")
-        time.sleep(0.3)
+        time.sleep(1)  # the server has one worker process: leave it to the workers
     pytest.fail(f"no {what} within {timeout} s")
 
 
