@@ -17,4 +17,6 @@ for _ in $(seq 1 30); do
 done
 su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='nics_fix'\"" | grep -q 1 \
   || su postgres -c "psql -qc \"create role nics_fix login password 'nics_fix' createdb\"" >&2
+# createrole: tests make a role with a password of their own, to look for it in what jobs record.
+su postgres -c "psql -qc \"alter role nics_fix createrole\"" >&2
 echo "postgresql+psycopg2://nics_fix:nics_fix@127.0.0.1:5432/postgres"

@@ -130,10 +130,9 @@ def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | Non
     except (SearchConfigError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, refused, wrong directions: one answer
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SearchConfigError(
             f"search.storage={safe_url(storage_url)}: cannot open Optuna study {study_name!r} there "
-            f"({type(err).__name__}: {text})\nFix: give an SQLAlchemy database URL that this machine can reach, "
+            f"({tracking.database_error_text(err)})\nFix: give an SQLAlchemy database URL that this machine can reach, "
             "e.g. sqlite:///path/optuna.db or postgresql+psycopg2://user:pass@host/db (null: sqlite "
             "in the run directory); a study of another search needs another search.study_name.") from None
     have = study.user_attrs

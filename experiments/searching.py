@@ -176,7 +176,8 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
         params.update(tracking.flatten(cfg.get(group) or {}, group))
     params.update({f"choice.{k}": v for k, v in choices.items()})
     tracking.log_batch(run_id, params=params)
-    mlflow.log_text(yaml.safe_dump({**cfg, "search": opts}, sort_keys=False), "config/search_config.yaml")
+    mlflow.log_text(yaml.safe_dump(tracking.without_passwords({**cfg, "search": opts}), sort_keys=False),
+                    "config/search_config.yaml")
 
     metric = "val_accuracy" if len(data.x_val) else "test_accuracy"
     print(f"search {study_name}: {len(space)} points, {len(search_params(space))} parameters over widths "

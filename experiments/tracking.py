@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import zlib
 from collections.abc import Mapping
@@ -251,14 +252,45 @@ def _tracking_error(uri: str, reason: str) -> TrackingError:
 
 def _safe_uri(uri: str) -> str:
     """A database URL without its password (anything else as it is)."""
-    if "://" not in uri or uri.startswith(("http://", "https://")):
-        return uri
-    try:
-        from sqlalchemy.engine import make_url
+    return without_passwords(uri)
 
-        return make_url(uri).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a database URL
-        return uri
+
+#: ``scheme://user:password@``: the password part of any URL (database or HTTP).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+def without_passwords(value):
+    """``value`` (a string, or mappings and lists of them) with every URL password replaced by ``***``.
+
+    What a run records and what a job writes to its output folder goes through
+    this: ``postgresql+psycopg2://optuna:***@db/optuna``.
+    """
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>***@", value)
+    if isinstance(value, Mapping):
+        return {key: without_passwords(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_passwords(item) for item in value]
+    return value
+
+
+#: Python module of a database driver -> the pip package that brings it.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "pyodbc": "pyodbc", "asyncpg": "asyncpg", "pg8000": "pg8000"}
+
+
+def database_error_text(err: BaseException) -> str:
+    """One line for a failed database connection; a missing driver says which package to install."""
+    missing = err
+    while missing is not None and not isinstance(missing, ModuleNotFoundError):  # Optuna wraps it
+        missing = missing.__cause__ or missing.__context__
+    if missing is not None and missing.name:
+        module = missing.name.split(".")[0]
+        package = DRIVER_PACKAGES.get(module, module)
+        extra = " or pip install -e '.[cluster]' (PostgreSQL)" if module == "psycopg2" else ""
+        return f"its driver, Python module {module!r}, is not installed: pip install '{package}'{extra}"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _probe(uri: str) -> None:
@@ -269,8 +301,16 @@ def _probe(uri: str) -> None:
 
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT)
+            # /health answers anyone; an authenticated server (mlflow server --app-name basic-auth)
+            # refuses the first real request with a page of HTML and a traceback: say it here.
+            answer = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                                  params={"max_results": 1}, timeout=CONNECT_TIMEOUT, **_credentials())
+        except requests.ReadTimeout:
+            return  # a server is there, busy: MLflow's own requests wait longer and retry
         except requests.RequestException as err:
             raise _tracking_error(uri, f"no tracking server answers there ({type(err).__name__}: {err})") from None
+        if answer.status_code in (401, 403):
+            raise TrackingError(_refusal(uri, answer.status_code))
     elif uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         _probe_sqlite_file(uri, Path(uri[len("sqlite:///"):]))
     elif scheme in ("postgresql", "mysql", "mssql"):
@@ -284,8 +324,28 @@ def _probe(uri: str) -> None:
             finally:
                 engine.dispose()
         except Exception as err:  # noqa: BLE001 - driver missing, bad URL, refused, auth: all one answer
-            raise _tracking_error(uri, f"cannot connect to the database ({type(err).__name__}: "
-                                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+            raise _tracking_error(uri, f"cannot connect to the database ({database_error_text(err)})") from None
+
+
+def _credentials() -> dict:
+    """``requests`` arguments with the credentials MLflow's own client sends (its environment variables)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"auth": (user, password)}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"headers": {"Authorization": f"Bearer {token}"}} if token else {}
+
+
+def _refusal(uri: str, status: int) -> str:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        return (f"mlflow.tracking_uri={uri}: the tracking server refuses user {user!r} access (HTTP 403); "
+                "ask its admin for permission on the experiment")
+    if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return (f"mlflow.tracking_uri={uri}: the tracking server refused user {user!r} with the password in "
+                "MLFLOW_TRACKING_PASSWORD (HTTP 401); check both variables")
+    return (f"mlflow.tracking_uri={uri}: the tracking server asks for a user name and password (HTTP 401); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
 
 
 def _probe_sqlite_file(uri: str, path: Path) -> None:

@@ -497,6 +497,9 @@ def evaluate(model, data: Dataset, batch_size: int) -> tuple[float, float]:
 
 
 def _plain(value):
+    """A config as plain YAML-able values, URL passwords masked (it is recorded and written to disk)."""
+    if isinstance(value, str):
+        return tracking.without_passwords(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -68,3 +69,47 @@ def fix8():
     import copy
 
     return copy.deepcopy(FIX8)
+
+
+
+@contextlib.contextmanager
+def postgres_role(n_databases: int = 1):
+    """``(urls, password)``: fresh PostgreSQL databases owned by a fresh role with a password of its own.
+
+    On the server of ``NICS_FIX_TEST_POSTGRES`` (CI sets it, see .ci/postgres.sh; the
+    test skips where it is unset); dropped afterwards. The password occurs nowhere
+    else, so a test can look for it in what a job recorded.
+    """
+    import uuid
+
+    url = os.environ.get("NICS_FIX_TEST_POSTGRES")
+    if not url:
+        pytest.skip("NICS_FIX_TEST_POSTGRES (a PostgreSQL URL, see .ci/postgres.sh) is not set")
+    import sqlalchemy
+
+    server = sqlalchemy.engine.make_url(url)
+    role = f"nics_fix_t{uuid.uuid4().hex[:10]}"
+    password = f"pw{uuid.uuid4().hex}"
+    names = [f"{role}_{i}" for i in range(n_databases)]
+    admin = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        conn.execute(sqlalchemy.text(f"GRANT {role} TO CURRENT_USER"))  # PostgreSQL 15: to make it the owner
+        for name in names:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name} OWNER {role}"))
+    try:
+        yield [server.set(username=role, password=password, database=name).render_as_string(hide_password=False)
+               for name in names], password
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(sqlalchemy.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_database():
+    """``(url, password)``: one database of :func:`postgres_role`."""
+    with postgres_role(1) as (urls, password):
+        yield urls[0], password
