@@ -250,8 +250,10 @@ def test_a_by_type_key_naming_no_class_is_an_error_naming_the_closest(parse):
     with pytest.raises(nf.ConfigError, match="by_type.Conv2d and by_type.Conv2D both name the layer class Conv2D"):
         parse("by_type:\n  Conv2d: {}\n  Conv2D: {}\n")
     with pytest.raises(nf.ConfigError, match="no nics_fix layer class 'Wibble'; classes with quantization points: "
-                                             "BatchNormalization, Conv2D, "):
+                                             "BatchNormalization, Conv.*, Dense, ") as info:
         parse("by_type:\n  Wibble: {}\n")
+    listed = str(info.value).split("quantization points: ")[1].split(", ")
+    assert listed == sorted(listed) and "MaxPooling2D" not in listed
 
 
 def test_thdh_format_rules_take_the_same_class_names():
