@@ -476,3 +476,11 @@ def test_mlflow_metrics_and_params_carry_shaped_scales_and_dynamic_counters():
     assert params["granularity.d1.weight.data"] == "channel"
     assert params["granularity.d1.activation.data"] == "block/3"
     assert params["mode.d1.activation.data"] == "dynamic/fixed"
+
+
+def test_float_weights_load_into_a_dynamic_model_whose_counters_start_fresh(tmp_path):
+    small_model(None).save_weights(tmp_path / "f.weights.h5")
+    dynamic = {"weight": {"data_config": {"bit_width": 8, "training": "dynamic", "not_training": "dynamic"}}}
+    model = small_model(dynamic, name="dyn")
+    model.load_weights(tmp_path / "f.weights.h5")
+    assert model.get_layer("d1").fixed_points["kernel"].describe()["dynamic"]["data"]["calls"] == 0

@@ -205,8 +205,11 @@ class FixedLayer(ScopedLayer):
     def _check_load_own_variables(self, store):
         # Keras' check counts every own variable, scales included, even where
         # the layer's save_own_variables writes only its weights (Dense).
-        n_all = len(self._trainable_variables + self._non_trainable_variables)
-        if len(store.keys()) not in (n_all, n_all - len(self._nf_scale_variables())):
+        # Scale keys may be missing (saved by the plain Keras layer) or fewer than
+        # ours (saved without dynamic counters): only the weights must match.
+        n_weights = len(self._trainable_variables + self._non_trainable_variables) - len(self._nf_scale_variables())
+        ours = [key for key in store.keys() if key.startswith(self._SCALE_KEY)]
+        if len(store.keys()) - len(ours) != n_weights:
             super()._check_load_own_variables(store)
 
     def load_own_variables(self, store):
