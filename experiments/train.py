@@ -43,7 +43,7 @@ def closing_lines(results: dict, cfg: dict, output_dir: str, fixed_name: str | N
         f"run {run.info.run_name} ({results['run_id']})",
         f"Output folder: {Path(output_dir)} (train.log, checkpoint/, fixed_model/)",
         f"Look at it: mlflow ui --backend-store-uri {uri} --port 5000, then open "
-        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{results['run_id']}",
+        f"http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning (the runs table)",
         "Next: python -m experiments.train fixed=w4a4   (train in 4-bit fixed point; compare with the rows above)",
     ]
     return lines

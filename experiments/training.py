@@ -289,6 +289,10 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
         mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
         mlflow.end_run("KILLED" if interrupted else "FAILED")
         raise
+    if not nested:  # the runs table shows the name without configuration: put the result there too
+        name = mlflow.get_run(run_id).info.run_name
+        mlflow.set_tag("mlflow.runName", f"{name} | acc {results['test_accuracy']:.4f} | "
+                                         f"{results['avg_weight_bits']:.2f} w bits")
     mlflow.end_run("FINISHED")
     return results
 
@@ -482,6 +486,12 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
             mlflow.log_artifacts(str(folder), "fixed_model")
     results["run_id"] = run_id
     results["objective"] = results.get("val_accuracy", test_accuracy)
+    # Shown in the MLflow UI without configuring columns: the description, and three short summary entries.
+    cost = tracking.cost_metrics(model)
+    results["avg_weight_bits"] = cost["cost.avg_weight_bits"]
+    summary = {"summary.test_accuracy": test_accuracy, "summary.avg_weight_bits": cost["cost.avg_weight_bits"]}
+    tracking.log_batch(run_id, metrics=summary, params={"summary.fixed": choices.get("fixed", "given")},
+                       tags={"mlflow.note.content": tracking.run_description(results, choices, cost)})
     return results
 
 

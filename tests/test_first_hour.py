@@ -47,10 +47,11 @@ def test_train_job_shows_fixed_point_where_the_record_is_and_what_next(tmp_path)
         data = load_dataset(OmegaConf.to_container(compose("train", overrides=TINY), resolve=True)["data"])
     shares = {round(float(np.mean(data.y_test == k)), 4) for k in np.unique(data.y_test)}
     assert round(run.data.metrics["rounded.w1a1.test_accuracy"], 4) in shares
-    assert f"Recorded: MLflow store sqlite:///mlflow.db, experiment 'nics_fix', run mlp/float ({run_id})" in out
+    assert (f"Recorded: MLflow store sqlite:///mlflow.db, experiment 'nics_fix', run mlp/float | acc {reference:.4f} | "
+            f"32.00 w bits ({run_id})") in out
     assert f"Output folder: {tmp_path}/out" in out
     assert (f"mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000, then open "
-            f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}") in out
+            f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}?workflowType=machine_learning") in out
     assert "Next: python -m experiments.train fixed=w4a4" in out
     log = (tmp_path / "out" / "train.log").read_text()
     assert "Epoch 2/2" in log and f"run_id={run_id}" in log and "Next: python -m experiments.train" in log
