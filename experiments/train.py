@@ -77,8 +77,11 @@ def main(cfg: DictConfig) -> float:
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is KILLED; say how to go on
             print(interrupted_line(err, [str(o) for o in hydra_cfg.overrides.task]), file=sys.stderr, flush=True)
             raise SystemExit(130) from None
-        print("\n".join(closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))),
-              flush=True)
+        lines = closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))
+        if hydra_cfg.mode.name == "MULTIRUN":  # jobs of a sweep (joblib: in parallel) print interleaved
+            label = f"[job {hydra_cfg.job.num}: {hydra_cfg.job.override_dirname or 'defaults'}]"
+            lines = [f"{label} {line}" for line in lines]
+        print("\n".join(lines), flush=True)
     return float(results["objective"])
 
 
