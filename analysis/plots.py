@@ -89,8 +89,8 @@ def plot_pareto(df: pd.DataFrame, path, maximize: str = "val_accuracy", minimize
 
     Baselines are rows with ``is_baseline`` (tagged ``nics_fix.baseline`` or
     uniform width, see :func:`analysis.load_runs`). The front is drawn as its
-    attainment staircase. Front points and baselines are annotated with
-    their ``label``.
+    attainment staircase. Only front points are annotated with their
+    ``label`` (stacked where they coincide); the legend sits right of the axes.
     """
     runs = df[df["status"] == "FINISHED"] if "status" in df.columns else df
     runs = runs[runs[maximize].notna() & runs[minimize].notna()]
@@ -109,7 +109,7 @@ def plot_pareto(df: pd.DataFrame, path, maximize: str = "val_accuracy", minimize
                    linewidth=1.5, label=f"uniform-width baseline ({len(base)})", zorder=5)
     if annotate:
         labels = _labels(runs)
-        shown = pd.concat([front, base]).drop_duplicates(subset="run_id")
+        shown = front.drop_duplicates(subset="run_id")  # only the front: other labels would pile up
         placed: dict[tuple, int] = {}
         for _, row in shown.iterrows():
             key = (round(float(row[minimize]), 6), round(float(row[maximize]), 6))
@@ -126,7 +126,7 @@ def plot_pareto(df: pd.DataFrame, path, maximize: str = "val_accuracy", minimize
     ax.set_title(title or f"{short_name(maximize)} vs {short_name(minimize)}: "
                           f"{len(runs)} runs, {len(front)} on the Pareto front")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)  # off the data
     return _save(fig, path, ax)
 
 

@@ -106,10 +106,18 @@ def select_runs(client, target: str) -> tuple[Target, pd.DataFrame, str]:
     uri = client.tracking_uri
     tgt = resolve_target(client, target)
     if tgt.kind == "parent":
+        study = client.get_run(tgt.parent_run_id).data.tags.get("optuna.study_name")
         runs = load_runs(parent_run_id=tgt.parent_run_id, tracking_uri=uri)
+        selection = f"child runs of parent run `{tgt.parent_run_id}` (experiment {tgt.experiment_id})"
+        if study:  # a search resumed or run by several workers: every invocation's trials
+            everything = load_runs(tgt.experiment_id, tracking_uri=uri)
+            if {"optuna.study_name", "nics_fix.role"} <= set(everything.columns):
+                runs = everything[(everything["optuna.study_name"] == study)
+                                  & (everything["nics_fix.role"] == "trial")].reset_index(drop=True)
+                selection = (f"every trial run of study `{study}` (all its search runs, experiment "
+                             f"{tgt.experiment_id}), found from parent run `{tgt.parent_run_id}`")
         if not len(runs):
             raise AnalysisError(f"run {target} has no child runs (give a search's parent run, or an experiment name)")
-        selection = f"child runs of parent run `{tgt.parent_run_id}` (experiment {tgt.experiment_id})"
     else:
         runs = load_runs(tgt.experiment_id, tracking_uri=uri)
         if "nics_fix.role" in runs.columns and len(runs):
@@ -117,8 +125,21 @@ def select_runs(client, target: str) -> tuple[Target, pd.DataFrame, str]:
         if not len(runs):
             raise AnalysisError(f"experiment {tgt.name!r} has no train or trial runs at {uri}")
         selection = f"experiment `{tgt.name}` (id {tgt.experiment_id}), roles other than {', '.join(EXCLUDED_ROLES)}"
+    _one_model_and_dataset(runs)
     runs.attrs["tracking_uri"] = uri
     return tgt, runs, selection
+
+
+def _one_model_and_dataset(runs: pd.DataFrame) -> None:
+    """Runs of different models or datasets are not one front: refuse, saying what is mixed."""
+    columns = [c for c in ("model.name", "data.name") if c in runs.columns]
+    if not columns:
+        return
+    kinds = sorted({"/".join(str(v) for v in row) for row in runs[columns].dropna().itertuples(index=False)})
+    if len(kinds) > 1:
+        raise AnalysisError(f"the runs are of {len(kinds)} models/datasets ({', '.join(kinds)}): one Pareto front "
+                            "would mix them. Report one at a time: train each model/dataset into its own "
+                            "experiment (mlflow.experiment_name=...), or give a search's parent run")
 
 
 def default_minimize(client, tgt: Target) -> str:
@@ -352,7 +373,9 @@ def _markdown(tgt, uri, selection, runs, front, hv, reference, maximize, minimiz
     lines += ["## Pareto front", "",
               f"{len(front)} non-dominated runs (higher `{maximize}`, lower `{minimize}`), cheapest first. "
               f"Hypervolume with reference ({_fmt(float(reference[0]), maximize)}, "
-              f"{_fmt(float(reference[1]), minimize)}): **{hv:.4f}**.", "",
+              f"{_fmt(float(reference[1]), minimize)}): **{hv:.4f}** (the area the front dominates up to the "
+              f"reference, in `{maximize}` x `{minimize}` units, not normalised: the convention of the search's "
+              f"summary too, `analysis.pareto.hypervolume_points`).", "",
               markdown_table(_run_table(front, [maximize, minimize] +
                                         [m for m in TABLE_METRICS if m not in (maximize, minimize)])), ""]
     allocation = _allocation_table(front, layer_order)

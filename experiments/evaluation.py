@@ -110,9 +110,8 @@ def run_eval(cfg: Mapping) -> dict:
     metrics = {"eval.test_loss": loss, "eval.test_accuracy": accuracy}
     if integer is not None:
         metrics["eval.integer_test_accuracy"] = integer["integer_test_accuracy"]
-    if log_to == "same" and run_id:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics(metrics)
+    if log_to == "same" and run_id:  # logged without reopening it: the training run keeps its start, end, duration
+        tracking.log_batch(run_id, metrics=metrics)
     elif log_to in ("new", "same"):
         tags = tracking.base_tags("eval")
         if run_id:

@@ -405,13 +405,18 @@ def setup(tracking_uri: str, experiment_name: str) -> None:
                 location = (database.parent / "mlartifacts" / experiment_name).as_uri()
                 with contextlib.suppress(mlflow.exceptions.MlflowException):  # created meanwhile by a peer
                     mlflow.create_experiment(experiment_name, artifact_location=location)
-            mlflow.set_experiment(experiment_name)
+            experiment = mlflow.set_experiment(experiment_name)
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # the UI opens it on its runs, not the GenAI overview
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         _READY.add((uri, experiment_name))
     except mlflow.exceptions.MlflowException as err:
         raise _tracking_error(uri, err.message.strip()) from None
 
 
-_READY: set[tuple[str, str]] = set()  # (tracking URI, experiment) set up by this process
+_READY: set[tuple[str, str]] = set()
+
+#: The experiment tag by which MLflow 3's UI chooses an experiment's first page (model training: the runs table).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # (tracking URI, experiment) set up by this process
 
 
 @contextlib.contextmanager
@@ -465,6 +470,15 @@ def default_run_name(choices: Mapping) -> str | None:
     name = "/".join(str(choices[g]) for g in ("model", "fixed") if g in choices)
     job = hydra_tags().get("hydra.job_num")
     return f"{name} #{job}" if job is not None else name or None
+
+
+def run_description(results: Mapping, choices: Mapping, cost: Mapping) -> str:
+    """A run's one-line description (MLflow's ``mlflow.note.content``): what it is and how it did."""
+    what = ", ".join(f"{group}={choices[group]}" for group in ("fixed", "model", "data") if group in choices)
+    text = f"test accuracy {results['test_accuracy']:.4f}"
+    if "cost.avg_weight_bits" in cost:
+        text += f", average weight bits {cost['cost.avg_weight_bits']:.2f}"
+    return f"{what}: {text}" if what else text
 
 
 def base_tags(role: str) -> dict[str, str]:

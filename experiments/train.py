@@ -43,7 +43,7 @@ def closing_lines(results: dict, cfg: dict, output_dir: str, fixed_name: str | N
         f"run {run.info.run_name} ({results['run_id']})",
         f"Output folder: {Path(output_dir)} (train.log, checkpoint/, fixed_model/)",
         f"Look at it: mlflow ui --backend-store-uri {uri} --port 5000, then open "
-        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{results['run_id']}",
+        f"http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning (the runs table)",
         "Next: python -m experiments.train fixed=w4a4   (train in 4-bit fixed point; compare with the rows above)",
     ]
     return lines
@@ -77,8 +77,11 @@ def main(cfg: DictConfig) -> float:
         except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run is KILLED; say how to go on
             print(interrupted_line(err, [str(o) for o in hydra_cfg.overrides.task]), file=sys.stderr, flush=True)
             raise SystemExit(130) from None
-        print("\n".join(closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))),
-              flush=True)
+        lines = closing_lines(results, plain, output_dir, hydra_cfg.runtime.choices.get("fixed"))
+        if hydra_cfg.mode.name == "MULTIRUN":  # jobs of a sweep (joblib: in parallel) print interleaved
+            label = f"[job {hydra_cfg.job.num}: {hydra_cfg.job.override_dirname or 'defaults'}]"
+            lines = [f"{label} {line}" for line in lines]
+        print("\n".join(lines), flush=True)
     return float(results["objective"])
 
 

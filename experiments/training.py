@@ -26,6 +26,7 @@ import yaml
 import nics_fix as nf
 from experiments import checkpoint, config_files, tracking
 from experiments.compare_bits import check_compare_bits, compare_bits
+from experiments.console import CompactEpochLogger
 from experiments.cli import CONF_DIR
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model
@@ -215,11 +216,13 @@ def seed_everything(seed: int, trainer: Mapping | None = None) -> None:
         tf_config.disable_op_determinism()
 
 
-def _callbacks(model, run_id, folder):
+def _callbacks(model, run_id, folder, compact_epochs: int | None = None):
     """Epoch-end order matters: counters add to the logs, the checkpoint (with
     those logs) is written, and only then are they sent to MLflow; so an epoch
     is recorded once whatever instant a SIGKILL hits (see _log_unrecorded_epoch)."""
     callbacks = [StopOnSigterm()] + ([nf.UpdateCountersCallback()] if _has_storage_configs(model) else [])
+    if compact_epochs:  # after the counters: one readable line per epoch instead of Keras' dozens of values
+        callbacks.append(CompactEpochLogger(compact_epochs))
     if folder is not None:
         callbacks.append(checkpoint.CheckpointCallback(folder, run_id))
     return callbacks + [tracking.MlflowEpochLogger(run_id)]
@@ -291,6 +294,10 @@ def run_training(cfg: Mapping, output_dir: str | Path | None = None, choices: Ma
         mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
         mlflow.end_run("KILLED" if interrupted else "FAILED")
         raise
+    if not nested:  # the runs table shows the name without configuration: put the result there too
+        name = mlflow.get_run(run_id).info.run_name
+        mlflow.set_tag("mlflow.runName", f"{name} | acc {results['test_accuracy']:.4f} | "
+                                         f"{results['avg_weight_bits']:.2f} w bits")
     mlflow.end_run("FINISHED")
     return results
 
@@ -461,10 +468,13 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
         _log_unrecorded_epoch(run_id, folder, model)
     train_ds = training_dataset(data.x_train, data.y_train, batch_size, int(trainer.get("seed", 0)), initial_epoch)
     val_ds = make_dataset(data.x_val, data.y_val, batch_size) if len(data.x_val) else None
+    verbose = int(trainer.get("verbose", 2))
+    compact = verbose == 2 and _has_storage_configs(model)  # THDH counters: too many values for Keras' line
     history = model.fit(train_ds, validation_data=val_ds, epochs=int(trainer.get("epochs", 1)),
                         steps_per_epoch=steps, shuffle=False, initial_epoch=initial_epoch,
-                        verbose=int(trainer.get("verbose", 2)),
-                        callbacks=_callbacks(model, run_id, folder) + list(extra_callbacks))
+                        verbose=0 if compact else verbose,
+                        callbacks=_callbacks(model, run_id, folder, int(trainer.get("epochs", 1)) if compact else None)
+                        + list(extra_callbacks))
     test_loss, test_accuracy = evaluate(model, data, batch_size)
     results = {"test_loss": test_loss, "test_accuracy": test_accuracy}
     if "val_accuracy" in history.history:
@@ -486,6 +496,12 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
             mlflow.log_artifacts(str(folder), "fixed_model")
     results["run_id"] = run_id
     results["objective"] = results.get("val_accuracy", test_accuracy)
+    # Shown in the MLflow UI without configuring columns: the description, and three short summary entries.
+    cost = tracking.cost_metrics(model)
+    results["avg_weight_bits"] = cost["cost.avg_weight_bits"]
+    summary = {"summary.test_accuracy": test_accuracy, "summary.avg_weight_bits": cost["cost.avg_weight_bits"]}
+    tracking.log_batch(run_id, metrics=summary, params={"summary.fixed": choices.get("fixed", "given")},
+                       tags={"mlflow.note.content": tracking.run_description(results, choices, cost)})
     return results
 
 

@@ -354,8 +354,12 @@ def test_plots(trials, store, tmp_path):
     assert ax.get_title() == "Validation accuracy vs average weight bits: 7 runs, 5 on the Pareto front"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["run (7)", "Pareto front (5)", "uniform-width baseline (2)"]
-    notes = {t.get_text() for t in ax.texts}
-    assert {"trial 0 (uniform)", "trial 1 (uniform)", "trial 6"} <= notes
+    notes = sorted(t.get_text() for t in ax.texts)  # the front only: other labels would pile up
+    from analysis.runs import run_names
+
+    assert notes == sorted(run_names(an.pareto_front(trials)).values())
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 >= 1.0  # the legend sits right of the axes, off the data
 
     front = an.pareto_front(trials)
     path, fig, ax = an.plot_bit_allocation(front, tmp_path / "alloc.png", layer_order=["fc1", "relu1", "fc2"])
@@ -590,3 +594,15 @@ def test_tracking_server_gives_the_same_table(store, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=5)
         log.close()
+
+
+def test_runs_of_several_models_or_datasets_are_refused_with_a_line():
+    import pandas as pd
+
+    from analysis.report import _one_model_and_dataset
+
+    _one_model_and_dataset(pd.DataFrame({"model.name": ["mlp", "mlp"], "data.name": ["digits", "digits"]}))
+    mixed = pd.DataFrame({"model.name": ["mlp", "lenet5", "mlp"], "data.name": ["digits", "mnist", "digits"]})
+    with pytest.raises(AnalysisError, match=r"the runs are of 2 models/datasets \(lenet5/mnist, mlp/digits\): one "
+                                            r"Pareto front would mix them"):
+        _one_model_and_dataset(mixed)

@@ -47,10 +47,11 @@ def test_train_job_shows_fixed_point_where_the_record_is_and_what_next(tmp_path)
         data = load_dataset(OmegaConf.to_container(compose("train", overrides=TINY), resolve=True)["data"])
     shares = {round(float(np.mean(data.y_test == k)), 4) for k in np.unique(data.y_test)}
     assert round(run.data.metrics["rounded.w1a1.test_accuracy"], 4) in shares
-    assert f"Recorded: MLflow store sqlite:///mlflow.db, experiment 'nics_fix', run mlp/float ({run_id})" in out
+    assert (f"Recorded: MLflow store sqlite:///mlflow.db, experiment 'nics_fix', run mlp/float | acc {reference:.4f} | "
+            f"32.00 w bits ({run_id})") in out
     assert f"Output folder: {tmp_path}/out" in out
     assert (f"mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000, then open "
-            f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}") in out
+            f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}?workflowType=machine_learning") in out
     assert "Next: python -m experiments.train fixed=w4a4" in out
     log = (tmp_path / "out" / "train.log").read_text()
     assert "Epoch 2/2" in log and f"run_id={run_id}" in log and "Next: python -m experiments.train" in log
@@ -154,3 +155,15 @@ def test_sigterm_is_one_line_with_the_resume_command_and_the_resumed_run_says_so
     next_epoch = int(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags["nics_fix.resumed_from_epoch"]) + 1
     assert f"resuming run {run_id} from its checkpoint " in resumed.stdout
     assert f"epoch {next_epoch} of 3 next" in resumed.stdout and next_epoch >= 3
+
+
+def test_epoch_line_with_thdh_counters_is_compact():
+    from experiments.console import epoch_line
+
+    logs = {"accuracy": 0.88109, "loss": 0.41234, "update_zero_frac/dense1/kernel": 0.4, "update_zero_frac/dense1/bias": 0.1,
+            "update_saturate_frac/dense1/kernel": 0.0, "update_saturate_frac/dense1/bias": 0.0,
+            "update_nonzero_frac/dense1/kernel": 0.6, "update_nonzero_frac/dense1/bias": 0.9, "val_accuracy": 0.875}
+    assert epoch_line(2, 15, 1.234, logs) == (
+        "Epoch 3/15 - 1.2s - accuracy 0.8811 - loss 0.4123 - val_accuracy 0.8750\n"
+        "  - updates rounded away 25.0% (most: dense1/kernel 40.0%), saturated 0.0%")
+    assert epoch_line(0, 1, 0.5, {"loss": 1.0}) == "Epoch 1/1 - 0.5s - loss 1.0000"
