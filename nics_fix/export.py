@@ -53,8 +53,9 @@ def _eval_rounding(data_config) -> str:
     return "nearest" if data_config.rounding == "stochastic" else data_config.rounding
 
 
-def eval_scale(point) -> int:
-    """The scale a point uses in evaluation, or ExportError if it is float or data-dependent."""
+def eval_scale(point):
+    """The scale a point uses in evaluation (an int, or an int array for per-channel/per-block
+    scales), or ExportError if it is float or data-dependent."""
     mode = point.config.data.mode(False)
     if mode == "none":
         raise ExportError(f"layer {point.layer.name}: its {point.key} point is float in evaluation "
@@ -62,14 +63,31 @@ def eval_scale(point) -> int:
     if mode == "auto":
         raise ExportError(f"layer {point.layer.name}: its {point.key} point has not_training: auto, a scale "
                           "that depends on the data; use fixed (the scale learnt in training) or an integer")
-    return int(mode) if isinstance(mode, int) else int(np.asarray(point.data_scale))
+    return int(mode) if isinstance(mode, int) else _plain(np.asarray(point.data_scale))
 
 
 def point_format(point) -> dict:
     """``{bit_width, scale, exponent, rounding}`` of a point in evaluation."""
     bits, scale = point.config.data.bit_width, eval_scale(point)
-    return {"bit_width": bits, "scale": scale, "exponent": int(step_exponent(bits, scale)),
+    return {"bit_width": bits, "scale": scale, "exponent": _plain(step_exponent(bits, scale)),
             "rounding": _eval_rounding(point.config.data)}
+
+
+#: Per summing layer type, the kernel axes that index output channels (DepthwiseConv2D: c * mult + k).
+CHANNEL_AXES = {"Dense": (1,), "Conv2D": (3,), "DepthwiseConv2D": (2, 3)}
+
+
+def channel_exponents(exponent, kernel_shape, kind: str):
+    """A kernel's exponent as one exponent per output channel (flat), or an int if it is one.
+
+    Where exponents differ along the summed axes (per-block scales) the finest
+    is taken: the kernel integers are then shifted left to it (exactly).
+    """
+    exponent = np.asarray(exponent)
+    if exponent.ndim == 0:
+        return int(exponent)
+    summed = tuple(a for a in range(len(kernel_shape)) if a not in CHANNEL_AXES[kind])
+    return np.broadcast_to(exponent, kernel_shape).min(axis=summed).reshape(-1)
 
 
 def _dtype(values: np.ndarray) -> str:
@@ -119,8 +137,8 @@ def _check_options(layer, kind: str) -> dict:
     options = {}
     if kind in ("Dense", "Conv2D", "DepthwiseConv2D"):
         activation = getattr(layer.activation, "__name__", str(layer.activation))
-        if activation not in ("linear", "relu"):
-            refuse(f"activation={activation!r} (use linear or relu, or a separate ReLU layer)")
+        if activation != "linear":
+            refuse(f"activation={activation!r} inside the layer (use a separate ReLU layer)")
         options["activation"] = activation
     if kind in ("Conv2D", "DepthwiseConv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D"):
         if getattr(layer, "data_format", "channels_last") != "channels_last":
@@ -171,8 +189,8 @@ def _layer_entry(layer, kind, inputs, exponents, float_tensors, writer) -> tuple
                                                  bits, scale, step_exponent(bits, scale))
     in_exponent = exponents.get(inputs[0]) if inputs else None
     if kind in accumulator.SUMMING:
-        kernel_exp = entry["weights"]["kernel"]["exponent"]
-        sum_exp = np.asarray(in_exponent) + np.asarray(kernel_exp)
+        kernel = entry["weights"]["kernel"]
+        sum_exp = np.asarray(in_exponent) + channel_exponents(kernel["exponent"], kernel["shape"], kind)
         bias = entry["weights"].get("bias")
         if bias is not None and np.any(np.asarray(bias["scale"]) != MIN_SCALE):  # as accumulator.lsb_exponent
             sum_exp = np.minimum(sum_exp, np.asarray(bias["exponent"]))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nics_fix.export import FORMAT, VERSION
+from nics_fix.export import CHANNEL_AXES, FORMAT, VERSION, channel_exponents
 from nics_fix.quant import integer_mantissa, requantize_integer, saturate_integer, wrap_integer
 
 
@@ -108,6 +108,17 @@ class IntegerModel:
     def _weight(self, layer, key):
         return self.arrays[(layer["name"], key)], np.asarray(layer["weights"][key]["exponent"])
 
+    def _kernel(self, layer):
+        """The kernel and one exponent per output channel (:func:`~nics_fix.export.channel_exponents`):
+        finer exponents along the summed axes are reached by exact left shifts."""
+        kernel, exponent = self._weight(layer, "kernel")
+        per_channel = channel_exponents(exponent, kernel.shape, layer["type"])
+        if exponent.ndim:
+            channels = np.reshape(per_channel, [kernel.shape[a] if a in CHANNEL_AXES[layer["type"]] else 1
+                                                for a in range(kernel.ndim)])
+            kernel = np.left_shift(kernel, np.broadcast_to(exponent, kernel.shape) - channels)
+        return kernel, per_channel
+
     def _sum(self, layer, products, exponent, channel_axis_shape=None):
         """Bias, accumulator and activation of a summing layer's integer products."""
         lsb = np.asarray(layer["sum_exponent"])
@@ -129,11 +140,11 @@ class IntegerModel:
         return total, lsb
 
     def _dense(self, layer, m, e):
-        kernel, k_exp = self._weight(layer, "kernel")
+        kernel, k_exp = self._kernel(layer)
         return self._sum(layer, m @ kernel, e + k_exp)
 
     def _conv2d(self, layer, m, e):
-        kernel, k_exp = self._weight(layer, "kernel")
+        kernel, k_exp = self._kernel(layer)
         kh, kw, cin, cout = kernel.shape
         windows = _windows(m, (kh, kw), layer["strides"], layer["padding"])  # N H W C kh kw
         n, h, w = windows.shape[:3]
@@ -142,7 +153,7 @@ class IntegerModel:
         return self._sum(layer, products, e + k_exp)
 
     def _depthwiseconv2d(self, layer, m, e):
-        kernel, k_exp = self._weight(layer, "kernel")
+        kernel, k_exp = self._kernel(layer)  # output channel c * mult + k
         kh, kw, cin, mult = kernel.shape
         windows = _windows(m, (kh, kw), layer["strides"], layer["padding"])
         products = np.einsum("nhwcij,ijcm->nhwcm", windows, kernel)

@@ -144,14 +144,17 @@ def test_accumulator_saturates_and_wraps_a_hand_computed_sum(overflow, units, tm
     assert out.exponent == -11 and engine.overflows == {"dense1": [1, 3]}
 
 
-def test_accumulator_in_training_applies_the_width_and_passes_gradients():
-    model = hand_model("saturate")
+@pytest.mark.parametrize("overflow,units,grad", [("saturate", 127, 0.0), ("wrap", 2, 127 / 16)])
+def test_accumulator_in_training_applies_the_width_and_its_gradient(overflow, units, grad):
+    import tensorflow as tf
+
+    model = hand_model(overflow)
     x = np.array([[127 / 16, 127 / 16]], "float32")
-    with __import__("tensorflow").GradientTape() as tape:
+    with tf.GradientTape() as tape:
         y = model(x, training=True)
-    np.testing.assert_array_equal(y.numpy(), [[127 * 2.0 ** -11]])
-    grad = tape.gradient(y, model.get_layer("dense1").kernel)
-    np.testing.assert_array_equal(grad.numpy(), np.zeros((2, 1)))  # saturated: no gradient
+    np.testing.assert_array_equal(y.numpy(), [[units * 2.0 ** -11]])
+    # saturated: no gradient; wrapped: straight through (d sum / d kernel = input)
+    np.testing.assert_array_equal(tape.gradient(y, model.get_layer("dense1").kernel).numpy(), [[grad], [grad]])
 
 
 def test_accumulator_needs_a_fixed_point_input():
@@ -246,3 +249,31 @@ def test_export_and_integer_eval_commands_end_to_end_on_digits(tmp_path, mlflow_
     assert "(matches the simulator exactly; 360 of 360 outputs bit-identical)" in done.stdout
     run = client.get_run(run_id).data.metrics
     assert run["eval.integer_test_accuracy"] == run["test_accuracy"]
+
+
+def test_engine_reads_per_channel_and_per_block_kernel_exponents(tmp_path, rng):
+    """The same kernel values written with per-output-channel and per-block exponents run identically."""
+    cfg = fixed_cfg(8)
+    with nf.fixed_scope("m", cfg):
+        inputs = keras.Input((6, 6, 2))
+        x = nf.Quantize(name="input_quant", fixed_config=cfg["configs"]["q"])(inputs)
+        x = nf.Conv2D(3, 3, name="conv1")(x)
+        x = nf.DepthwiseConv2D(3, depth_multiplier=2, name="dw1")(x)
+        model = keras.Model(inputs, nf.Dense(4, name="dense1")(nf.Flatten(name="flatten")(x)))
+    x = rng.uniform(-1, 1, (6, 6, 6, 2)).astype("float32")
+    calibrate(model, x, rng)
+    graph = assert_bit_exact(model, x, tmp_path)  # exports to tmp_path / "int"
+    reference = nf.IntegerModel.load(tmp_path / "int").predict(x).integers
+    for layer in graph["layers"]:
+        spec = layer.get("weights", {}).get("kernel")
+        if spec is None:
+            continue
+        path = tmp_path / "int" / spec["file"]
+        ints = np.fromfile(path, spec["dtype"]).astype(np.int64).reshape(spec["shape"])
+        # Values are kept: integers with a trailing zero bit move to exponent + 1, per element.
+        even = ints % 2 == 0
+        exponent = spec["exponent"] + even.astype(np.int64)
+        (ints // np.where(even, 2, 1)).astype(np.int16).tofile(path)
+        spec["dtype"], spec["exponent"] = "int16", exponent.tolist()
+    (tmp_path / "int" / "model.json").write_text(json.dumps(graph))
+    np.testing.assert_array_equal(nf.IntegerModel.load(tmp_path / "int").predict(x).integers, reference)
