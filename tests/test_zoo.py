@@ -108,6 +108,10 @@ def test_zoo_model_configs_are_checked():
         build_model({"name": "resnet"}, (8, 8, 1), 10)
     with pytest.raises(ModelConfigError, match=r"model.width: expected a positive number, got -1"):
         build_model({"name": "mobilenet_v2", "width": -1}, (8, 8, 1), 10)
+    with pytest.raises(ModelConfigError, match=r"model.filters: expected a list of positive integers, got \[16, 0\]"):
+        build_model({"name": "resnet20", "filters": [16, 0]}, (8, 8, 1), 10)
+    with pytest.raises(ModelConfigError, match=r"model.heads: expected a positive integer, got 2.5"):
+        build_model({"name": "vit", "heads": 2.5}, (8, 8, 1), 10)
 
 
 # --------------------------------------------------------------------------- users' own models
