@@ -120,9 +120,7 @@ def build_model(kind: str, variant: str, jit_compile: bool, seed: int = 0):
         types = ("Dense", "Conv2D", "BatchNormalization", "ReLU")
         fixed = {"by_type": {t: config for t in types}} if config else None
         model, _ = zoo_model({"name": "resnet20"}, (32, 32, 3), 10, fixed)
-        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
-        return model
+        return _compiled(model, jit_compile)
     with nf.fixed_scope(f"bench_{variant}", fixed):
         if kind == "mlp":
             layers = [keras.Input((784,)), nf.Dense(512, activation="relu"),
@@ -134,6 +132,12 @@ def build_model(kind: str, variant: str, jit_compile: bool, seed: int = 0):
         else:
             raise ValueError(f"unknown model {kind!r}")
         model = keras.Sequential(layers, name=f"{kind}_{variant}")
+    return _compiled(model, jit_compile)
+
+
+def _compiled(model, jit_compile: bool):
+    import keras
+
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit_compile)

@@ -110,7 +110,7 @@ def _is_number(value) -> bool:
 
 def check_model_config(model_cfg: Mapping) -> None:
     """Layer sizes are lists of positive integers, width > 0, dropout in [0, 1): else ModelConfigError."""
-    for key in ("hidden_units", "conv_filters", "layers"):
+    for key in ("hidden_units", "conv_filters", "layers", "filters"):
         if key not in model_cfg:
             continue
         value = model_cfg[key]
@@ -130,6 +130,13 @@ def check_model_config(model_cfg: Mapping) -> None:
     dropout = model_cfg.get("dropout") or 0.0
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise ModelConfigError(f"model.dropout: expected a number in [0, 1), got {model_cfg.get('dropout')!r}")
+    for key in ("blocks", "patch_size", "dim", "depth", "heads", "input_size"):
+        value = model_cfg.get(key)
+        if key in model_cfg and not (value is None and key == "input_size") and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ModelConfigError(f"model.{key}: expected a positive integer, got {value!r}")
+    if "mlp_ratio" in model_cfg and not (_is_number(model_cfg["mlp_ratio"]) and model_cfg["mlp_ratio"] > 0):
+        raise ModelConfigError(f"model.mlp_ratio: expected a positive number, got {model_cfg['mlp_ratio']!r}")
 
 
 def _input_point(bits: int) -> dict:

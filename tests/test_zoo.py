@@ -108,6 +108,10 @@ def test_zoo_model_configs_are_checked():
         build_model({"name": "resnet"}, (8, 8, 1), 10)
     with pytest.raises(ModelConfigError, match=r"model.width: expected a positive number, got -1"):
         build_model({"name": "mobilenet_v2", "width": -1}, (8, 8, 1), 10)
+    with pytest.raises(ModelConfigError, match=r"model.filters: expected a list of positive integers, got \[16, 0\]"):
+        build_model({"name": "resnet20", "filters": [16, 0]}, (8, 8, 1), 10)
+    with pytest.raises(ModelConfigError, match=r"model.heads: expected a positive integer, got 2.5"):
+        build_model({"name": "vit", "heads": 2.5}, (8, 8, 1), 10)
 
 
 # --------------------------------------------------------------------------- users' own models
@@ -220,13 +224,14 @@ def test_custom_model_trains_with_its_layer_names_in_the_record(user_package, tm
     assert params["model.layers"] == '["hidden", "logits"]'
 
 
+@pytest.mark.slow
 def test_search_over_a_converted_keras_applications_model(tmp_path, mlflow_template):
     db = tmp_path / "mlflow.db"
     shutil.copy(mlflow_template, db)
     uri = f"sqlite:///{db}"
     cfg = compose("model=custom", "model._target_=keras.applications.MobileNetV2", "+model.weights=null",
-                  "+model.alpha=0.1", "data=synthetic", "data.shape=[32,32,3]", "data.num_examples=32",
-                  "data.test_examples=8", "trainer.epochs=1", "trainer.batch_size=16", "search.n_trials=2",
+                  "+model.alpha=0.1", "data=synthetic", "data.shape=[32,32,3]", "data.num_examples=20",
+                  "data.test_examples=4", "trainer.epochs=1", "trainer.batch_size=16", "search.n_trials=2",
                   "search.widths=[4,8]", "search.float_reference=false", "search.share_by_type=true",
                   "search.exclude=[block_*]",  # 7 searched layers of 150: quick to trace
                   f"mlflow.tracking_uri={uri}", "mlflow.experiment_name=zoo_search")
