@@ -119,7 +119,8 @@ def search_options(search: Mapping | None = None) -> dict:
         raise SearchConfigError("search.pruner: threshold needs a single objective")
     for key in ("data_config", "gradient_config"):
         modes = dict(opts[key] or {})
-        allowed = ("training", "not_training", "rounding") if key == "data_config" else ("training", "rounding")
+        allowed = (("training", "not_training", "rounding") if key == "data_config" else ("training", "rounding"))
+        allowed += tuple(nf.config.SCALE_DEFAULTS)  # granularity, block_size, axis, overflow_rate, window
         bad = [k for k in modes if k not in allowed]
         if bad:
             raise SearchConfigError(f"search.{key}.{bad[0]}: unknown key (allowed: {', '.join(allowed)})")

@@ -461,6 +461,19 @@ def test_search_allocations_keep_the_base_granularity():
     assert tuple(built.data_scale.shape) == (1, 8)
 
 
+def test_search_modes_can_set_the_granularity_of_searched_points():
+    from experiments.searching import allocation_fixed_config, search_options
+
+    opts = search_options({"data_config": {"training": "auto", "not_training": "fixed",
+                                           "granularity": "block", "block_size": 4}})
+    model = small_model(None)
+    fixed = allocation_fixed_config(model, {("d1", "weight", "data"): 6}, None, opts)
+    part = fixed["by_name"]["d1"]["weight"]["data_config"]
+    assert (part["bit_width"], part["granularity"], part["block_size"]) == (6, "block", 4)
+    with pytest.raises(Exception, match=r"search.data_config.granularity: .*'row'"):
+        search_options({"data_config": {"granularity": "row"}})
+
+
 def test_mlflow_metrics_and_params_carry_shaped_scales_and_dynamic_counters():
     from experiments import tracking
 
