@@ -187,6 +187,17 @@ def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
     return "\n".join(lines)
 
 
+def why_not_finished(failed: pd.DataFrame) -> pd.Series:
+    """Why each run did not finish: its error, why it was pruned, infeasible or closed (first tag present)."""
+    why = pd.Series("", index=failed.index, dtype="object")
+    for tag, prefix in (("error", ""), ("nics_fix.pruned", "pruned: "), ("nics_fix.infeasible", "infeasible: "),
+                        ("nics_fix.closed_as_stale", "closed: ")):
+        if tag in failed.columns:
+            given = failed[tag].notna() & (why == "")
+            why[given] = prefix + failed.loc[given, tag].astype(str)
+    return why.astype(str)
+
+
 def _run_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     cols = ["label", "run_id", "status"] + [m for m in metrics if m in df.columns]
     if "uniform_bits" in df.columns:
@@ -359,8 +370,7 @@ def _markdown(tgt, uri, selection, runs, front, hv, reference, maximize, minimiz
                   "RUNNING: still running or its process died. None of them count in the tables below.", ""]
         table = failed[["label", "run_id", "status"]].copy()
         table["run_id"] = table["run_id"].str[:8]
-        table["error"] = failed["error"].fillna("") if "error" in failed.columns else ""
-        table["error"] = table["error"].astype(str).str.slice(0, 160)
+        table["why"] = why_not_finished(failed).str.slice(0, 160)
         lines += [markdown_table(table.rename(columns={"run_id": "run"})), ""]
 
     ranked = runs[runs["status"] == "FINISHED"].sort_values(maximize, ascending=False, kind="stable")

@@ -606,3 +606,15 @@ def test_runs_of_several_models_or_datasets_are_refused_with_a_line():
     with pytest.raises(AnalysisError, match=r"the runs are of 2 models/datasets \(lenet5/mnist, mlp/digits\): one "
                                             r"Pareto front would mix them"):
         _one_model_and_dataset(mixed)
+
+
+def test_runs_that_did_not_finish_say_why():
+    import pandas as pd
+
+    from analysis.report import why_not_finished
+
+    failed = pd.DataFrame({"error": ["RuntimeError: boom", None, None, None],
+                           "nics_fix.pruned": [None, "val_accuracy 0.5000 at epoch 2, below the median", None, None],
+                           "nics_fix.infeasible": [None, None, "cost 9 > budget 5", None]})
+    assert why_not_finished(failed).tolist() == ["RuntimeError: boom", "pruned: val_accuracy 0.5000 at epoch 2, "
+                                                 "below the median", "infeasible: cost 9 > budget 5", ""]
