@@ -52,6 +52,7 @@ from analysis.runs import (
     resolve_experiment,
     run_names,
 )
+from analysis.runs import widths_text
 from analysis.sensitivity import layer_sensitivity
 
 EXCLUDED_ROLES = ("search", "eval", "report")
@@ -185,6 +186,16 @@ def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
         cells = [_fmt(row[c], str(c)).replace("|", "\\|").replace("\n", " ") for c in frame.columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bits_text(row: pd.Series) -> str:
+    """A run's recorded widths per layer (its ``bits.*`` params), as :func:`analysis.runs.widths_text` writes them."""
+    bits = {}
+    for column in row.index:
+        if str(column).startswith("bits.") and not pd.isna(row[column]):
+            value = str(row[column])
+            bits[str(column)[len("bits."):]] = None if value == "float" else int(float(value))
+    return widths_text(bits)
 
 
 def why_not_finished(failed: pd.DataFrame) -> pd.Series:
@@ -403,7 +414,9 @@ def _markdown(tgt, uri, selection, runs, front, hv, reference, maximize, minimiz
         table = sensitivity.drop(columns=["run_ids", "baseline_run_id"])
         lines += ["## Per-layer sensitivity", "",
                   f"Change of `{maximize}` when only one layer's bits differ from the baseline run "
-                  f"{labels.get(base, base)} (`{base[:8]}`); other bits and the data/model/trainer params equal.",
+                  f"{labels.get(base, base)} (`{base[:8]}`; its own bits, which its label may not tell: "
+                  f"{bits_text(runs[runs['run_id'] == base].iloc[0]) or 'none recorded'}); other bits and the "
+                  "data/model/trainer params equal.",
                   "", markdown_table(table), ""]
 
     if "curves" in plots:

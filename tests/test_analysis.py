@@ -618,3 +618,14 @@ def test_runs_that_did_not_finish_say_why():
                            "nics_fix.infeasible": [None, None, "cost 9 > budget 5", None]})
     assert why_not_finished(failed).tolist() == ["RuntimeError: boom", "pruned: val_accuracy 0.5000 at epoch 2, "
                                                  "below the median", "infeasible: cost 9 > budget 5", ""]
+
+
+def test_sensitivity_baseline_is_described_by_its_own_bits():
+    import pandas as pd
+
+    from analysis.report import bits_text
+
+    row = pd.Series({"run_id": "r", "choice.fixed": "w8a8", "bits.dense1.weight.data": "4",
+                     "bits.dense1.activation.data": "8", "bits.relu1.activation.data": "float",
+                     "bits.dense2.weight.data": "8", "bits.dense2.weight.grad": None})
+    assert bits_text(row) == "dense1 w4 a8, relu1 af, dense2 w8"  # not "w8a8": dense1 was overridden to 4 bits
