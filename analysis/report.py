@@ -214,6 +214,7 @@ def _run_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     if "uniform_bits" in df.columns:
         cols.append("uniform_bits")
     table = df[cols].copy()
+    table["label"] = table["run_id"].map(run_names(df))  # duplicate labels get their run id prefix
     table["run_id"] = table["run_id"].str[:8]
     return table.rename(columns={"run_id": "run"})
 

@@ -629,3 +629,13 @@ def test_sensitivity_baseline_is_described_by_its_own_bits():
                      "bits.dense1.activation.data": "8", "bits.relu1.activation.data": "float",
                      "bits.dense2.weight.data": "8", "bits.dense2.weight.grad": None})
     assert bits_text(row) == "dense1 w4 a8, relu1 af, dense2 w8"  # not "w8a8": dense1 was overridden to 4 bits
+
+
+def test_report_tables_tell_duplicate_labels_apart():
+    import pandas as pd
+
+    from analysis.report import _run_table
+
+    df = pd.DataFrame({"label": ["w8a8", "w8a8", "float"], "run_id": ["aaaaaa11", "bbbbbb22", "cccccc33"],
+                       "status": ["FINISHED"] * 3, "val_accuracy": [0.9, 0.8, 0.95]})
+    assert _run_table(df, ["val_accuracy"])["label"].tolist() == ["w8a8 [aaaaaa]", "w8a8 [bbbbbb]", "float [cccccc]"]
