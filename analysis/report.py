@@ -52,6 +52,7 @@ from analysis.runs import (
     resolve_experiment,
     run_names,
 )
+from analysis.runs import widths_text
 from analysis.sensitivity import layer_sensitivity
 
 EXCLUDED_ROLES = ("search", "eval", "report")
@@ -187,11 +188,33 @@ def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
     return "\n".join(lines)
 
 
+def bits_text(row: pd.Series) -> str:
+    """A run's recorded widths per layer (its ``bits.*`` params), as :func:`analysis.runs.widths_text` writes them."""
+    bits = {}
+    for column in row.index:
+        if str(column).startswith("bits.") and not pd.isna(row[column]):
+            value = str(row[column])
+            bits[str(column)[len("bits."):]] = None if value == "float" else int(float(value))
+    return widths_text(bits)
+
+
+def why_not_finished(failed: pd.DataFrame) -> pd.Series:
+    """Why each run did not finish: its error, why it was pruned, infeasible or closed (first tag present)."""
+    why = pd.Series("", index=failed.index, dtype="object")
+    for tag, prefix in (("error", ""), ("nics_fix.pruned", "pruned: "), ("nics_fix.infeasible", "infeasible: "),
+                        ("nics_fix.closed_as_stale", "closed: ")):
+        if tag in failed.columns:
+            given = failed[tag].notna() & (why == "")
+            why[given] = prefix + failed.loc[given, tag].astype(str)
+    return why.astype(str)
+
+
 def _run_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     cols = ["label", "run_id", "status"] + [m for m in metrics if m in df.columns]
     if "uniform_bits" in df.columns:
         cols.append("uniform_bits")
     table = df[cols].copy()
+    table["label"] = table["run_id"].map(run_names(df))  # duplicate labels get their run id prefix
     table["run_id"] = table["run_id"].str[:8]
     return table.rename(columns={"run_id": "run"})
 
@@ -359,8 +382,7 @@ def _markdown(tgt, uri, selection, runs, front, hv, reference, maximize, minimiz
                   "RUNNING: still running or its process died. None of them count in the tables below.", ""]
         table = failed[["label", "run_id", "status"]].copy()
         table["run_id"] = table["run_id"].str[:8]
-        table["error"] = failed["error"].fillna("") if "error" in failed.columns else ""
-        table["error"] = table["error"].astype(str).str.slice(0, 160)
+        table["why"] = why_not_finished(failed).str.slice(0, 160)
         lines += [markdown_table(table.rename(columns={"run_id": "run"})), ""]
 
     ranked = runs[runs["status"] == "FINISHED"].sort_values(maximize, ascending=False, kind="stable")
@@ -393,7 +415,9 @@ def _markdown(tgt, uri, selection, runs, front, hv, reference, maximize, minimiz
         table = sensitivity.drop(columns=["run_ids", "baseline_run_id"])
         lines += ["## Per-layer sensitivity", "",
                   f"Change of `{maximize}` when only one layer's bits differ from the baseline run "
-                  f"{labels.get(base, base)} (`{base[:8]}`); other bits and the data/model/trainer params equal.",
+                  f"{labels.get(base, base)} (`{base[:8]}`; its own bits, which its label may not tell: "
+                  f"{bits_text(runs[runs['run_id'] == base].iloc[0]) or 'none recorded'}); other bits and the "
+                  "data/model/trainer params equal.",
                   "", markdown_table(table), ""]
 
     if "curves" in plots:

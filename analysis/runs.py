@@ -396,6 +396,25 @@ def _label(row: dict) -> str:
 
 # ---------------------------------------------------------------- bit allocation
 
+#: Short names of the four quantities, in the order they are shown.
+SHORT_QUANTITIES = {"weight.data": "w", "weight.grad": "gw", "activation.data": "a", "activation.grad": "ga"}
+
+
+def widths_text(bits, quantities=tuple(SHORT_QUANTITIES)) -> str:
+    """``dense1 w8 a6, relu1 af``: widths per layer in the order of ``bits`` (``{"<layer>.<quantity>.<dir>": bits}``).
+
+    ``w``/``a``: weight/activation data, ``gw``/``ga``: their gradients; ``f``: float (None or 32).
+    """
+    per_layer: dict[str, list[tuple[int, str]]] = {}
+    for key, value in bits.items():
+        layer, quantity, direction = str(key).rsplit(".", 2)
+        name = f"{quantity}.{direction}"
+        if name in quantities and name in SHORT_QUANTITIES:
+            width = "f" if value is None or int(value) == FLOAT_BITS else str(int(value))
+            per_layer.setdefault(layer, []).append((list(SHORT_QUANTITIES).index(name), SHORT_QUANTITIES[name] + width))
+    return ", ".join(f"{layer} {' '.join(label for _, label in sorted(parts))}" for layer, parts in per_layer.items())
+
+
 
 def bit_allocation(df: pd.DataFrame, tidy: bool = False, columns: str = "label",
                    layer_order: Sequence[str] | None = None, drop_all_float: bool = False) -> pd.DataFrame:

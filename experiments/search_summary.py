@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from analysis.pareto import hypervolume_points, pareto_indices
+from analysis.runs import widths_text
 from experiments.search_options import COSTS
 
 
@@ -22,22 +23,11 @@ def _fmt_cost(value) -> str:
     return f"{value:,.0f}" if abs(value) < 1e9 else f"{value:.4g}"
 
 
-_SHORT = {"weight.data": "w", "weight.grad": "gw", "activation.data": "a", "activation.grad": "ga"}
 
 
 def bits_summary(bits: Mapping[str, int | None], quantities: Sequence[str]) -> str:
-    """``dense1 w8 a6, relu1 a4``: each layer's widths, in the order of ``bits`` (the model's layer order).
-
-    ``w``/``a``: weight/activation data, ``gw``/``ga``: their gradients, ``f``: float.
-    """
-    per_layer: dict[str, list[tuple[int, str]]] = {}
-    for key, value in bits.items():
-        layer, quantity, direction = key.rsplit(".", 2)
-        name = f"{quantity}.{direction}"
-        if name in quantities:
-            label = f"{_SHORT[name]}{'f' if value is None else value}"
-            per_layer.setdefault(layer, []).append((list(_SHORT).index(name), label))
-    return ", ".join(f"{layer} {' '.join(label for _, label in sorted(parts))}" for layer, parts in per_layer.items())
+    """``dense1 w8 a6, relu1 a4``: each layer's widths, in the order of ``bits`` (the model's layer order)."""
+    return widths_text(bits, quantities)
 
 
 

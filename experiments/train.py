@@ -69,8 +69,8 @@ def main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     output_dir = hydra_cfg.runtime.output_dir
-    plain = OmegaConf.to_container(cfg, resolve=True)
     with tee_to(Path(output_dir) / f"{hydra_cfg.job.name}.log"), user_errors():
+        plain = OmegaConf.to_container(cfg, resolve=True)  # a ${...} naming nothing: one error line
         check_job_overrides(plain)
         try:
             results = run_training(plain, output_dir=output_dir)

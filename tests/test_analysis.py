@@ -606,3 +606,36 @@ def test_runs_of_several_models_or_datasets_are_refused_with_a_line():
     with pytest.raises(AnalysisError, match=r"the runs are of 2 models/datasets \(lenet5/mnist, mlp/digits\): one "
                                             r"Pareto front would mix them"):
         _one_model_and_dataset(mixed)
+
+
+def test_runs_that_did_not_finish_say_why():
+    import pandas as pd
+
+    from analysis.report import why_not_finished
+
+    failed = pd.DataFrame({"error": ["RuntimeError: boom", None, None, None],
+                           "nics_fix.pruned": [None, "val_accuracy 0.5000 at epoch 2, below the median", None, None],
+                           "nics_fix.infeasible": [None, None, "cost 9 > budget 5", None]})
+    assert why_not_finished(failed).tolist() == ["RuntimeError: boom", "pruned: val_accuracy 0.5000 at epoch 2, "
+                                                 "below the median", "infeasible: cost 9 > budget 5", ""]
+
+
+def test_sensitivity_baseline_is_described_by_its_own_bits():
+    import pandas as pd
+
+    from analysis.report import bits_text
+
+    row = pd.Series({"run_id": "r", "choice.fixed": "w8a8", "bits.dense1.weight.data": "4",
+                     "bits.dense1.activation.data": "8", "bits.relu1.activation.data": "float",
+                     "bits.dense2.weight.data": "8", "bits.dense2.weight.grad": None})
+    assert bits_text(row) == "dense1 w4 a8, relu1 af, dense2 w8"  # not "w8a8": dense1 was overridden to 4 bits
+
+
+def test_report_tables_tell_duplicate_labels_apart():
+    import pandas as pd
+
+    from analysis.report import _run_table
+
+    df = pd.DataFrame({"label": ["w8a8", "w8a8", "float"], "run_id": ["aaaaaa11", "bbbbbb22", "cccccc33"],
+                       "status": ["FINISHED"] * 3, "val_accuracy": [0.9, 0.8, 0.95]})
+    assert _run_table(df, ["val_accuracy"])["label"].tolist() == ["w8a8 [aaaaaa]", "w8a8 [bbbbbb]", "float [cccccc]"]

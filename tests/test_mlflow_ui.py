@@ -101,6 +101,5 @@ def test_mlflow_ui_opens_on_the_runs_table_with_the_result(trained):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
     name = MlflowClient(uri).get_run(results["run_id"]).info.run_name
-    assert name in page  # the runs table, with the accuracy and bits in the run's name
-    assert "Duration" in page and "Run Name" in page
+    assert name in page  # the runs table (the GenAI overview lists no runs), the result in the run's name
     assert "Detect Issues" not in page  # not the GenAI overview

@@ -7,6 +7,7 @@ MLflow and Optuna stores in temporary directories, everything in-process.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -291,7 +292,13 @@ def test_uniform_baseline_enqueues_one_trial_per_width(store, tmp_path):
 def test_single_objective_budget_and_pruning(store, tmp_path):
     # Over budget: known before training, pruned at once, recorded as a KILLED child.
     out = tmp_path / "budget"
-    summary = search(store, out, "search.objective=budget", "search.budget=1", "search.n_trials=1")
+    from experiments.data import load_dataset
+
+    cfg = compose(*TINY)
+    data = load_dataset(cfg["data"])
+    model, _ = build_model(cfg["model"], data.input_shape, data.num_classes)
+    cheapest = 2 * sum(math.prod(w.shape) for w in model.trainable_weights)  # all at 2 bits: the least
+    summary = search(store, out, "search.objective=budget", f"search.budget={cheapest}", "search.n_trials=1")
     study = load_study(out, summary["study_name"])
     assert [d.name for d in study.directions] == ["MAXIMIZE"]
     trial = study.trials[0]
@@ -309,6 +316,8 @@ def test_single_objective_budget_and_pruning(store, tmp_path):
     child = next(r for r in runs(store, "trial") if r.data.tags["optuna.study_name"] == summary["study_name"])
     assert child.info.status == "KILLED" and child.data.tags["optuna.state"] == "PRUNED"
     assert "error" not in child.data.tags and "val_accuracy" in child.data.metrics
+    assert child.data.tags["nics_fix.pruned"] == study.trials[0].user_attrs["pruned"]
+    assert "below the accuracy target minus search.prune_slack (1.0000)" in child.data.tags["nics_fix.pruned"]
 
 
 def test_entry_point_runs_under_hydra(store, tmp_path, monkeypatch, capsys):
