@@ -62,7 +62,7 @@ def layer_report(model, x, batch_size=500) -> dict:
             rounded += int(np.sum(single.astype(np.float64) != exact))
             total += single.size
             if point is not None:
-                changed += int(np.sum(point(single, False).numpy() != point(exact, False).numpy()))
+                changed += int(np.sum(np.asarray(point(single, False)) != np.asarray(point(exact, False))))
         out[layer.name] = {"sums": total, "rounded_in_float32": rounded / total,
                            "outputs_changed": changed / total,
                            **{k: v for k, v in nf.sum_exactness(model)[layer.name].items()

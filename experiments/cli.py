@@ -51,6 +51,8 @@ def check_added_keys(cfg, overrides, groups=()) -> None:
         key = _added_key(override)
         if key is None or key in groups or key.startswith(OPEN_KEYS) or f"{key}.".startswith(OPEN_KEYS):
             continue
+        if key.startswith("model.") and hasattr(cfg.get("model"), "get") and cfg["model"].get("_target_"):
+            continue  # a user's own model function (model=custom) takes whatever keyword arguments it declares
         *parents, name = key.split(".")
         node, where = cfg, ""
         for part in parents:

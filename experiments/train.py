@@ -26,7 +26,9 @@ def closing_lines(results: dict, cfg: dict, output_dir: str, fixed_name: str | N
     import mlflow
 
     run = mlflow.MlflowClient().get_run(results["run_id"])
-    uri = mlflow.get_tracking_uri()
+    from experiments.tracking import without_passwords
+
+    uri = without_passwords(mlflow.get_tracking_uri())  # a database password never reaches the console or train.log
     label = f"fixed={fixed_name}" if fixed_name else "the trained model"
     lines = [f"test_accuracy={results['test_accuracy']:.4f} run_id={results['run_id']}"]
     compared = results.get("compare_bits") or {}

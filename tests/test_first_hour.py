@@ -83,7 +83,7 @@ def _composed(*overrides):
                          "trainer.epochs? Set it without '+': trainer.epochs=3)"),
     ("++mlflow.experimnt_name=x", "did you mean mlflow.experiment_name? Set it without '+': mlflow.experiment_name=x"),
     ("+model.zzz=1", "'model.zzz' is not a setting of this job (known keys here: batch_norm, dropout, "
-                     "hidden_units, name)"),
+                     "hidden_units, input_bits, name)"),
 ])
 def test_unknown_added_key_is_one_line_with_the_closest_name(override, message):
     from experiments.cli import UnknownKeyError, check_added_keys

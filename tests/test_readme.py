@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ SMALL: dict[str, list[str] | str] = {
     "python -m experiments.search": SEARCH_SMALL,
     "python -m experiments.search mlflow=server": "needs a tracking server and a shared Optuna database",
     "python -m experiments.eval": [],
+    "python -m experiments.export": [],
+    "python -m experiments.train -m fixed=float,w8a8,w4a4 mlflow=server hydra/launcher=submitit_slurm":
+        "needs a Slurm cluster and a tracking server",
     "python -m analysis.report": [],
     "python -m benchmarks.train_step": ["--models", "mlp", "--xla", "off", "--phases", "train", "--rounds", "1",
                                         "--reps", "1", "--steps", "1", "--warmup", "0", "--out", "bench"],
@@ -145,8 +149,17 @@ def store(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     cwd = tmp_path_factory.mktemp("readme")
+    for _, code in BLOCKS:  # a block headed "# pkg/file.py" is a file the reader saves: save it
+        named = re.match(r"# (\S+\.py)\b", code)
+        if named:
+            path = cwd / named.group(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "__init__.py").touch()
+            path.write_text(code, encoding="utf-8")
     tiny = ["data=synthetic", "data.num_examples=128", "data.test_examples=32", "model.hidden_units=[8]"]
-    train = _run([sys.executable, "-m", "experiments.train", *tiny, "trainer.epochs=1", "compare_bits=[]"], cwd)
+    # An exportable run (input point, fixed scales): the integer export/eval commands take its id.
+    train = _run([sys.executable, "-m", "experiments.train", *tiny, "trainer.epochs=1", "compare_bits=[]",
+                  "model.input_bits=8", "fixed=w8a8"], cwd)
     assert train.returncode == 0, train.stderr[-3000:]
     search = _run([sys.executable, "-m", "experiments.search", *tiny, "trainer.epochs=1", "search.n_trials=1",
                    "search.float_reference=false"], cwd)
@@ -155,6 +168,9 @@ def store(tmp_path_factory):
     runs = client.search_runs([client.get_experiment_by_name("nics_fix").experiment_id], max_results=100)
     ids = {"<run id>": next(r.info.run_id for r in runs if r.data.tags.get("nics_fix.role") == "train"),
            "<search parent run id>": next(r.info.run_id for r in runs if r.data.tags.get("nics_fix.role") == "search")}
+    # The report of a whole experiment reads this copy: the commands below add runs of other models.
+    (cwd / "one_model").mkdir()
+    shutil.copy(cwd / "mlflow.db", cwd / "one_model" / "mlflow.db")
     return cwd, ids
 
 
@@ -175,6 +191,8 @@ def test_readme_command_runs(line, command, store):
             pytest.skip("needs ../shared/data (absent)")
         command = command.replace("../shared/data", str(data))
     words = with_extras(split(command), extras)
+    if words[:3] == ["python", "-m", "analysis.report"] and "--tracking-uri" in words:
+        words[words.index("--tracking-uri") + 1] = f"sqlite:///{cwd / 'one_model' / 'mlflow.db'}"
     done = _run([sys.executable, *words[1:]], cwd)
     assert done.returncode == 0, (f"README line {line}: {command}\nran: {' '.join(words)}\n"
                                   f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")

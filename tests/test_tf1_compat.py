@@ -351,7 +351,7 @@ def test_train_job_takes_the_users_own_files_and_records_them(tmp_path, store, c
     params = run.data.params
     assert run.info.status == "FINISHED"
     assert (params["fixed_file"], params["strategy_file"]) == (str(wag), str(gen))
-    assert params["choice.fixed"] == "config_fix_wag.yaml.sample" and run.info.run_name == "mlp/config_fix_wag.yaml.sample"
+    assert params["choice.fixed"] == "config_fix_wag.yaml.sample" and run.info.run_name.startswith("mlp/config_fix_wag.yaml.sample")
     bits = {k: v for k, v in params.items() if k.startswith("bits.")}
     assert bits == {"bits.dense1.weight.data": "2", "bits.dense1.weight.grad": "4",
                     "bits.dense1.activation.data": "4", "bits.dense1.activation.grad": "8",
