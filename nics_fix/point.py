@@ -134,8 +134,8 @@ class FixedPoint:
 
     def is_identity(self, training: bool) -> bool:
         """True when calling the point would not change the tensor or its gradient."""
-        if self.strategy is not None:
-            return False
+        if self.strategy is not None or (training and self.eval_cache is not None):
+            return False  # a training call drops the evaluation copy (the optimizer moves the weight next)
         return self.config.data.mode(training) == "none" and (
             not training or self.config.gradient.is_float)
 

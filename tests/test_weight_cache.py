@@ -124,6 +124,20 @@ def test_evaluation_under_a_tape_keeps_gradients_and_drops_the_copy(data):
     np.testing.assert_array_equal(grad.numpy(), np.repeat(x.sum(0)[:, None], 3, axis=1))
 
 
+def test_float_training_still_drops_the_copy_of_quantized_evaluation(data):
+    x, y = data
+    weight = {"data_config": {"bit_width": 6, "training": "none", "not_training": 1}}
+    model = keras.Sequential([keras.Input((5,)), nf.Dense(3, fixed_config={"weight": weight})])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    before = model.predict_on_batch(x)
+    model.train_on_batch(x, y)
+    after = model.predict_on_batch(x)
+    layer = model.layers[0]
+    kernel, bias = np.asarray(layer.kernel), np.asarray(layer.bias)
+    np.testing.assert_array_equal(after, (np.float64(x) @ _q(kernel, 6, 1) + _q(bias, 6, 1)).astype(np.float32))
+    assert not np.array_equal(before, after)
+
+
 def test_dynamic_and_strategy_points_are_not_cached():
     dynamic = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "dynamic"}}
     layer = nf.Dense(2, fixed_config={"weight": dynamic})
