@@ -10,7 +10,10 @@ Two checks, both in eager mode, in ``tf.function`` and in ``tf.function(jit_comp
 2. A fingerprint: the exact bits of quantizer outputs (all rounding modes,
    seeded stochastic included, widths 1..32, extreme scales), ``auto_scale``,
    ``quantize_ste`` gradients, and the weights and stored scales of small MLP
-   and CNN models after a few quantized training steps. ``--save FILE`` writes
+   and CNN models (per-tensor and per-channel weight scales) after a few
+   quantized training steps, with their predictions and losses: repeated,
+   after ``set_weights`` and after more training (evaluation reuses quantized
+   weights until they change). ``--save FILE`` writes
    it; ``--compare FILE`` reports every entry whose bits changed.
 
 Usage (from the repository root)::
@@ -231,11 +234,18 @@ def fingerprint(seed: int = 0) -> dict[str, np.ndarray]:
         "activation": {"data_config": {"bit_width": 2, "training": "auto", "not_training": "auto"},
                        "gradient_config": {"bit_width": 4, "training": "auto", "rounding": "floor"}},
     }
+    # per-channel weight scales, evaluation with the stored scales
+    cfg_channel = {
+        "weight": {"data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed",
+                                   "granularity": "channel"},
+                   "gradient_config": {"bit_width": 8, "training": "auto"}},
+        "activation": cfg["activation"],
+    }
     xm = rng.standard_normal((64, 784)).astype(np.float32)
     ym = rng.integers(0, 10, 64)
     xc = rng.standard_normal((16, 32, 32, 3)).astype(np.float32)
     yc = rng.integers(0, 10, 16)
-    for name, config in (("auto8", cfg), ("mixed", cfg_mixed), ("low", cfg_low)):
+    for name, config in (("auto8", cfg), ("mixed", cfg_mixed), ("low", cfg_low), ("channel", cfg_channel)):
         for model_name in ("mlp", "cnn"):
             for jit in (False, True):
                 keras.backend.clear_session()
@@ -257,6 +267,14 @@ def fingerprint(seed: int = 0) -> dict[str, np.ndarray]:
                 for step in range(3):
                     model.train_on_batch(x, y)
                 out[f"{prefix}/pred"] = model.predict_on_batch(x)
+                # evaluation again (weights unchanged), after a write, after more training
+                out[f"{prefix}/pred_again"] = model.predict_on_batch(x)
+                out[f"{prefix}/eval_loss"] = np.array(model.test_on_batch(x, y))
+                model.set_weights([w * np.float32(0.5) if w.dtype == np.float32 else w
+                                   for w in model.get_weights()])
+                out[f"{prefix}/pred_after_set_weights"] = model.predict_on_batch(x)
+                model.train_on_batch(x, y)
+                out[f"{prefix}/pred_after_training"] = model.predict_on_batch(x)
                 for v in model.weights:
                     out[f"{prefix}/{v.path}"] = keras.ops.convert_to_numpy(v)
     return out

@@ -2,18 +2,23 @@
 
 Run from the repository root::
 
-    python -m benchmarks.train_step                 # full run, 2-5 min on 2 CPU cores
+    python -m benchmarks.train_step                 # full run, ~10 min on 2 idle CPU cores
     python -m benchmarks.train_step --models mlp --xla off --reps 5   # quick look
     python -m benchmarks.train_step --mlflow        # also log to MLflow (sqlite:///mlflow.db)
 
-For each model (an MLP 784-512-512-10 at batch 128, a small CNN on 32x32x3 at
-batch 64) and each XLA setting (``jit_compile`` False / True), three models
-with the same initial weights are built and compiled: ``float`` (plain Keras
-layers from nics_fix with no config), ``quant`` (weights, activations and both
-gradients at 8 bits with ``auto`` scales) and ``wa`` (weights and activations
-only, float gradients). Their compiled train and test functions are called on
-one fixed in-memory batch (no tf.data, no ``fit``: ``fit`` on NumPy input
-stalls for seconds at random epochs on small machines).
+For each model (an MLP 784-512-512-10 at batch 128, a CNN
+conv32-pool-conv64-pool-dense10 on 32x32x3 at batch 64, the zoo's ResNet-20
+converted by ``nf.fixed_model`` at batch 64) and each XLA setting
+(``--xla off,on``), models with the same initial weights are built and
+compiled: ``float`` (plain Keras layers from nics_fix with no config),
+``quant`` (weights, activations and both gradients at 8 bits with ``auto``
+scales) and ``channel`` (as quant, weight scales per output channel; its
+``vs q`` column compares it with ``quant``); ``--variants`` adds ``wa``
+(weights and activations only, float gradients) and others. Their compiled train and test functions are called on
+one fixed in-memory batch through ``train_on_batch``/``test_on_batch`` (no
+``fit``: ``fit`` on NumPy input stalls for seconds at random epochs on small
+machines). The layers are written the standard Keras way
+(``Dense(512, activation="relu")``, no separate ReLU layers).
 
 Timing protocol, made for a noisy machine: after warm-up, each repetition
 times ``--steps`` consecutive steps of every variant, one variant after the
@@ -95,7 +100,7 @@ VARIANTS = {
 
 MODELS = {
     "mlp": "MLP 784-512-512-10, batch 128",
-    "cnn": "CNN conv3x3(32)-conv3x3(64)-maxpool2-dense(10) on 32x32x3, batch 64",
+    "cnn": "CNN conv3x3(32)-maxpool2-conv3x3(64)-maxpool2-dense(10) on 32x32x3, batch 64",
     "resnet20": "the zoo's ResNet-20 (Keras, nf.fixed_model; Conv2D, BN, ReLU, Dense quantized) on 32x32x3, batch 64",
 }
 
@@ -126,7 +131,7 @@ def build_model(kind: str, variant: str, jit_compile: bool, seed: int = 0):
             layers = [keras.Input((784,)), nf.Dense(512, activation="relu"),
                       nf.Dense(512, activation="relu"), nf.Dense(10)]
         elif kind == "cnn":
-            layers = [keras.Input((32, 32, 3)), nf.Conv2D(32, 3, activation="relu"),
+            layers = [keras.Input((32, 32, 3)), nf.Conv2D(32, 3, activation="relu"), nf.MaxPooling2D(),
                       nf.Conv2D(64, 3, activation="relu"), nf.MaxPooling2D(), nf.Flatten(),
                       nf.Dense(10)]
         else:
@@ -158,23 +163,23 @@ def batch(kind: str, seed: int = 0):
 
 
 class Stepper:
-    """One model's compiled train and test functions on a fixed batch."""
+    """One model trained and evaluated on a fixed batch, as users call it: ``train_on_batch``
+    and ``test_on_batch`` (each returns the loss to the host, so a step's work is done)."""
 
     def __init__(self, model, x, y):
         self.model = model
-        self.data = [(x, y, None)]  # what train_on_batch passes: (x, y, sample_weight)
+        self.x, self.y = x, y
         model.train_on_batch(x, y)  # builds, traces and compiles the train function
         model.test_on_batch(x, y)  # ... and the test function
-        self.fns = {"train": model.train_function, "eval": model.test_function}
+        self.fns = {"train": model.train_on_batch, "eval": model.test_on_batch}
 
     def time(self, phase: str, steps: int) -> tuple[float, float]:
         """Wall and process CPU seconds per step over ``steps`` consecutive calls."""
-        fn, data = self.fns[phase], self.data
+        fn, x, y = self.fns[phase], self.x, self.y
         cpu = time.process_time()
         start = time.perf_counter()
         for _ in range(steps):
-            logs = fn(data)
-        float(logs["loss"])  # a host read: all work of the last step is done
+            fn(x, y)
         return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
@@ -329,11 +334,12 @@ def _csv_list(value: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn"], help="mlp,cnn,resnet20")
-    parser.add_argument("--variants", type=_csv_list, default=["quant", "wa"],
-                        help="quantized variants compared with float: quant,wa (also: qfixed, and "
+    parser.add_argument("--models", type=_csv_list, default=["mlp", "cnn", "resnet20"], help="mlp,cnn,resnet20")
+    parser.add_argument("--variants", type=_csv_list, default=["quant", "channel"],
+                        help="quantized variants compared with float: quant,channel (also: wa, qfixed, "
                              "channel, chall, block32, whose 'vs q' column compares them with quant)")
-    parser.add_argument("--xla", type=_csv_list, default=["off", "on"], help="off,on")
+    parser.add_argument("--xla", type=_csv_list, default=["off"], help="off,on (off: the job default "
+                        "on CPU, where trainer.jit_compile=auto keeps XLA only when it wins)")
     parser.add_argument("--phases", type=_csv_list, default=["train", "eval"], help="train,eval")
     parser.add_argument("--reps", type=int, default=0,
                         help="repetitions per round (default: 12 for the MLP, 8 for the CNN)")

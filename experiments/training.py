@@ -24,7 +24,7 @@ import tensorflow as tf
 import yaml
 
 import nics_fix as nf
-from experiments import checkpoint, config_files, tracking
+from experiments import checkpoint, config_files, jit_choice, tracking
 from experiments.compare_bits import check_compare_bits, compare_bits
 from experiments.console import CompactEpochLogger
 from experiments.cli import CONF_DIR
@@ -112,8 +112,11 @@ def check_trainer(trainer: Mapping) -> None:
     for key, minimum in (("seed", None), ("batch_size", 1), ("verbose", 0)):
         check(trainer, "trainer.", key, "int", minimum)
     check(trainer, "trainer.", "heartbeat_interval", "int", 1, nullable=True)
-    for key in ("jit_compile", "deterministic", "checkpoint", "save_model", "save_fixed_weight"):
+    for key in ("deterministic", "checkpoint", "save_model", "save_fixed_weight"):
         check(trainer, "trainer.", key, "bool")
+    if trainer.get("jit_compile", False) not in (True, False, "auto"):
+        raise TrainConfigError(f"trainer.jit_compile must be true, false or auto, got "
+                               f"{trainer['jit_compile']!r}{where}")
     optimizer = check_mapping(trainer.get("optimizer"), "trainer.optimizer", TrainConfigError, where)
     check(optimizer, "trainer.optimizer.", "learning_rate", "number", 0, above=True)
     check(optimizer, "trainer.optimizer.", "momentum", "number", 0, 1, nullable=True)
@@ -179,7 +182,7 @@ def compile_model(model, trainer: Mapping, steps_per_epoch: int):
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=bool(trainer.get("jit_compile", False)),
+        jit_compile=jit_choice.resolve_flag(trainer),
     )
     return model
 
@@ -446,6 +449,9 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
 
     seed_everything(trainer.get("seed", 0), trainer)
     data = load_dataset(dict(cfg["data"], seed=cfg["data"].get("seed", trainer.get("seed", 0))))
+    if trainer.get("jit_compile") == "auto":
+        trainer = _choose_jit(cfg, trainer, data, choices, run_id, resumed)
+        cfg = dict(cfg, trainer=trainer)  # the saved train_config holds the choice
     model, scope = build(cfg, data, choices)
     if scope.unmatched_names():
         mlflow.set_tag("nics_fix.unmatched_by_name", ",".join(scope.unmatched_names()))
@@ -503,6 +509,32 @@ def _train_in_run(cfg, trainer, run_id, choices, output_dir, extra_callbacks, fo
     tracking.log_batch(run_id, metrics=summary, params={"summary.fixed": choices.get("fixed", "given")},
                        tags={"mlflow.note.content": tracking.run_description(results, choices, cost)})
     return results
+
+
+def _choose_jit(cfg, trainer, data: Dataset, choices, run_id: str, resumed: bool) -> dict:
+    """``trainer`` with ``jit_compile: auto`` resolved (:mod:`experiments.jit_choice`), recorded in MLflow.
+
+    A resumed run keeps the choice it recorded.
+    """
+    batch_size = int(trainer.get("batch_size", 64))
+    steps = max(1, math.ceil(len(data.x_train) / batch_size))
+    recorded = mlflow.get_run(run_id).data.params.get("jit_compile.choice") if resumed else None
+    if recorded is not None:
+        flag = recorded == "True"
+    else:
+        def build_compiled(jit: bool):
+            return compile_model(build(cfg, data, choices)[0], dict(trainer, jit_compile=jit), steps)
+
+        def reset():
+            keras.backend.clear_session()  # the job's layers get the names they get without the copies
+
+        flag, params, metrics = jit_choice.choose(
+            trainer, build_compiled, data.x_train[:batch_size], data.y_train[:batch_size],
+            steps * int(trainer.get("epochs", 1)), reset)
+        tracking.log_batch(run_id, params=params, metrics=metrics)
+    trainer = dict(trainer, jit_compile=flag)
+    seed_everything(trainer.get("seed", 0), trainer)  # seeds and op determinism as for a fixed setting
+    return trainer
 
 
 def evaluate(model, data: Dataset, batch_size: int) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from nics_fix.quant import (
     group_auto_scale,
 )
 from nics_fix.strategy import PointInfo, Strategy
+from nics_fix.weight_cache import EvaluationCache
 
 
 def _initial_scale(*modes) -> int:
@@ -83,7 +84,7 @@ class FixedPoint:
     """
 
     def __init__(self, layer: keras.layers.Layer, key: str, kind: str, config: PointConfig,
-                 strategy: Strategy | None = None, shape=None, default_axis: int = -1):
+                 strategy: Strategy | None = None, shape=None, default_axis: int = -1, variable=None):
         self.layer = layer
         self.key = key  # "kernel", "bias", "gamma", "beta" or "activation"
         self.kind = kind  # "weight" or "activation"
@@ -108,6 +109,9 @@ class FixedPoint:
         self.grad_dynamic = (DynamicScale(layer, f"{key}_grad", self.grad_scale, self.grad_groups, grad)
                              if grad.is_dynamic else None)
         self._uses_grad_hooks = strategy is not None and strategy.uses_gradients(kind)
+        # Evaluation quantizes ``variable`` (the weight) the same way batch after batch: keep the result.
+        self.eval_cache = (EvaluationCache(variable, watched=(self.data_scale,))
+                           if variable is not None and self._caches_evaluation(variable) else None)
         logger.info("point %s (%s): data %s, gradient %s%s", self.name, kind, data.to_dict(),
                     grad.to_dict(), f", strategy {strategy.get_config()}" if strategy else "")
 
@@ -130,14 +134,28 @@ class FixedPoint:
 
     def is_identity(self, training: bool) -> bool:
         """True when calling the point would not change the tensor or its gradient."""
-        if self.strategy is not None:
-            return False
+        if self.strategy is not None or (training and self.eval_cache is not None):
+            return False  # a training call drops the evaluation copy (the optimizer moves the weight next)
         return self.config.data.mode(training) == "none" and (
             not training or self.config.gradient.is_float)
+
+    def _caches_evaluation(self, variable) -> bool:
+        mode = self.config.data.not_training
+        return (self.kind == "weight" and self.strategy is None and mode not in ("none", "dynamic")
+                and variable.dtype == "float32")
 
     def __call__(self, x, training: bool = False):
         if self.is_identity(training):
             return x
+        cache = self.eval_cache
+        if cache is not None:
+            if not training and x is cache.variable:
+                return cache.quantized(lambda: self._quantize_data_and_gradient(x, False))
+            if training:
+                cache.invalidate()
+        return self._quantize_data_and_gradient(x, training)
+
+    def _quantize_data_and_gradient(self, x, training: bool):
         # Read variables here: tf.custom_gradient must never see a variable read
         # inside the function it wraps.
         x = tf.convert_to_tensor(x)

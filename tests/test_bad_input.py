@@ -168,7 +168,7 @@ def test_bad_overrides_of_fixed_strategy_trainer_model_and_search(tmp_path, stor
             ("trainer.lr_schedule.step_epochs=0", "trainer.lr_schedule.step_epochs must be an integer >= 1, got 0"),
             ("trainer.lr_schedule.gamma=abc", "trainer.lr_schedule.gamma must be a number"),
             ("trainer.lr_schedule.name=exp", "trainer.lr_schedule.name must be one of constant, cosine, step"),
-            ("trainer.jit_compile=maybe", "trainer.jit_compile must be true or false, got 'maybe'"),
+            ("trainer.jit_compile=maybe", "trainer.jit_compile must be true, false or auto, got 'maybe'"),
             ("trainer.heartbeat_interval=0", "trainer.heartbeat_interval must be an integer >= 1 or null"),
             ("trainer.epochs=${nope}", "Interpolation key 'nope' not found"),
             ("mlflow.experiment_name=null", "mlflow.experiment_name must be a non-empty name, got None"),

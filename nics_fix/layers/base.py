@@ -150,7 +150,8 @@ class FixedLayer(ScopedLayer):
             if variable is not None:
                 self._nf_points[key] = FixedPoint(self, key, "weight", self._nf_config.weight, strategy,
                                                   shape=tuple(variable.shape),
-                                                  default_axis=self._nf_channel_axis(key, variable))
+                                                  default_axis=self._nf_channel_axis(key, variable),
+                                                  variable=variable)
         if self.quantize_output:
             config = self._nf_config.activation
             shape = None

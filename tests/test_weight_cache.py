@@ -1,0 +1,146 @@
+"""Evaluation reuses each quantized weight until the weight or its scale changes.
+
+The reference quantizes the layer's current float weights with the scale the
+mode gives (ceil(log2(max|w|)) computed here from the float64 exponent for
+``auto``, the stored variable for ``fixed``) and multiplies in NumPy float64:
+predictions must equal it bit for bit after every kind of write.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nics_fix as nf
+from nics_fix.weight_cache import clear_weight_caches
+
+
+def _scale_of(w) -> int:
+    m = float(np.max(np.abs(w)))
+    mantissa, exponent = np.frexp(m)
+    return int(exponent - 1 if mantissa == 0.5 else exponent)
+
+
+def _q(w, bits, scale):
+    step = 2.0 ** (scale - bits + 1)
+    return np.clip(np.rint(np.float64(w) / step) * step, -2.0 ** scale, 2.0 ** scale - step)
+
+
+def _model(not_training="auto", jit=False):
+    weight = {"data_config": {"bit_width": 6, "training": "auto", "not_training": not_training}}
+    model = keras.Sequential([keras.Input((5,)), nf.Dense(3, fixed_config={"weight": weight})])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=jit)
+    return model
+
+
+def _reference(model, x):
+    layer = model.layers[0]
+    kernel, bias = (np.asarray(v) for v in (layer.kernel, layer.bias))
+    if layer.fixed_config.weight.data.not_training == "auto":
+        sk, sb = _scale_of(kernel), _scale_of(bias)
+    else:
+        sk, sb = (int(layer.fixed_points[k].data_scale.numpy()) for k in ("kernel", "bias"))
+    out = np.float64(x) @ _q(kernel, 6, sk) + _q(bias, 6, sb)
+    return out.astype(np.float32)
+
+
+def _current(model):
+    return bool(model.layers[0].fixed_points["kernel"].eval_cache.current.numpy())
+
+
+@pytest.fixture
+def data(rng):
+    # few inputs, small integers: every product and sum is exact in float32
+    x = rng.integers(-2, 3, (4, 5)).astype(np.float32)
+    y = rng.standard_normal((4, 3)).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_cached_predictions_equal_fresh_quantization_after_every_kind_of_write(data, tmp_path, jit):
+    x, y = data
+    model = _model(jit=jit)
+    model.layers[0].bias.assign(np.float32([0.3, -0.2, 0.05]))
+    first = model.predict_on_batch(x)
+    assert _current(model)
+    np.testing.assert_array_equal(first, _reference(model, x))
+    np.testing.assert_array_equal(model.predict_on_batch(x), first)  # from the copy
+
+    model.train_on_batch(x, y)  # the optimizer moves the weights
+    assert not _current(model)
+    trained = model.predict_on_batch(x)
+    assert not np.array_equal(trained, first)
+    np.testing.assert_array_equal(trained, _reference(model, x))
+
+    model.set_weights([w * 3 for w in model.get_weights()])
+    assert not _current(model)
+    np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
+
+    model.layers[0].kernel.assign(np.full((5, 3), 0.75, np.float32))
+    np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
+
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    model.layers[0].kernel.assign(np.zeros((5, 3), np.float32))
+    model.predict_on_batch(x)
+    model.load_weights(path)
+    np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
+    assert float(np.max(np.abs(model.predict_on_batch(x)))) > 0
+
+
+def test_fixed_scale_change_drops_the_copy(data):
+    x, _ = data
+    model = _model(not_training="fixed")
+    layer = model.layers[0]
+    layer.fixed_points["kernel"].data_scale.assign(0)
+    layer.fixed_points["bias"].data_scale.assign(0)
+    model.predict_on_batch(x)
+    layer.fixed_points["kernel"].data_scale.assign(-2)  # a coarser range: many weights saturate
+    np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
+
+
+def test_writes_around_keras_need_clear_weight_caches(data):
+    x, _ = data
+    model = _model()
+    model.predict_on_batch(x)
+    model.layers[0].kernel.value.assign(np.full((5, 3), 0.5, np.float32))  # the raw tf.Variable
+    assert _current(model)
+    clear_weight_caches(model)
+    np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
+
+
+def test_evaluation_under_a_tape_keeps_gradients_and_drops_the_copy(data):
+    x, _ = data
+    model = _model()
+    model.predict_on_batch(x)
+    kernel = model.layers[0].kernel
+    with tf.GradientTape() as tape:
+        out = model(x, training=False)
+    grad = tape.gradient(out, kernel)
+    assert not _current(model)
+    # every kernel element is inside its auto range: the straight-through gradient is x^T 1
+    np.testing.assert_array_equal(grad.numpy(), np.repeat(x.sum(0)[:, None], 3, axis=1))
+
+
+def test_float_training_still_drops_the_copy_of_quantized_evaluation(data):
+    x, y = data
+    weight = {"data_config": {"bit_width": 6, "training": "none", "not_training": 1}}
+    model = keras.Sequential([keras.Input((5,)), nf.Dense(3, fixed_config={"weight": weight})])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    before = model.predict_on_batch(x)
+    model.train_on_batch(x, y)
+    after = model.predict_on_batch(x)
+    layer = model.layers[0]
+    kernel, bias = np.asarray(layer.kernel), np.asarray(layer.bias)
+    np.testing.assert_array_equal(after, (np.float64(x) @ _q(kernel, 6, 1) + _q(bias, 6, 1)).astype(np.float32))
+    assert not np.array_equal(before, after)
+
+
+def test_dynamic_and_strategy_points_are_not_cached():
+    dynamic = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "dynamic"}}
+    layer = nf.Dense(2, fixed_config={"weight": dynamic})
+    layer.build((None, 3))
+    assert layer.fixed_points["kernel"].eval_cache is None
+    assert layer.fixed_points["activation"].eval_cache is None
