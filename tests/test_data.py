@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import data, image_folders
 from experiments.data import DataError, Dataset, load_dataset, read_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -443,16 +443,16 @@ def test_image_folder_targz_and_cache_reuse(image_folder, tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("the cache was not reused")
 
-    extract, decode = data._extract_archive, data._decode_image
-    monkeypatch.setattr(data, "_extract_archive", fail)
-    monkeypatch.setattr(data, "_decode_image", fail)
+    extract, decode = image_folders._extract_archive, image_folders._decode_image
+    monkeypatch.setattr(image_folders, "_extract_archive", fail)
+    monkeypatch.setattr(image_folders, "_decode_image", fail)
     second = load_dataset(cfg)
     assert np.array_equal(second.x_train, first.x_train)
     assert np.array_equal(second.x_test, first.x_test)
     # A capped load is served from the decoded cache, as the same subset as without it.
     capped = load_dataset(dict(cfg, limit=4))
-    monkeypatch.setattr(data, "_extract_archive", extract)
-    monkeypatch.setattr(data, "_decode_image", decode)
+    monkeypatch.setattr(image_folders, "_extract_archive", extract)
+    monkeypatch.setattr(image_folders, "_decode_image", decode)
     monkeypatch.setenv("NICS_FIX_CACHE", str(tmp_path / "fresh-cache"))
     assert np.array_equal(capped.x_train, load_dataset(dict(cfg, limit=4)).x_train)
 
@@ -469,13 +469,13 @@ def test_image_folder_archive_in_parent_folder(image_folder, tmp_path):
 def test_image_folder_limit_decodes_only_the_subset(image_folder, monkeypatch):
     root, _ = image_folder
     decoded = []
-    real = data._decode_image
+    real = image_folders._decode_image
 
     def counting(*args):
         decoded.append(args[2])
         return real(*args)
 
-    monkeypatch.setattr(data, "_decode_image", counting)
+    monkeypatch.setattr(image_folders, "_decode_image", counting)
     ds = load_dataset({"name": "cifar10", "path": root, "limit": 4, "test_limit": 2,
                        "val_split": 0.25})
     assert (len(ds.x_train), len(ds.x_val), len(ds.x_test)) == (3, 1, 2)
@@ -541,8 +541,8 @@ def test_real_cifar10_with_limit(monkeypatch):
     if not archive.is_file():
         pytest.skip(f"no CIFAR-10 archive at {archive} (set NICS_FIX_DATA)")
     decoded = []
-    real = data._decode_image
-    monkeypatch.setattr(data, "_decode_image", lambda *a: decoded.append(1) or real(*a))
+    real = image_folders._decode_image
+    monkeypatch.setattr(image_folders, "_decode_image", lambda *a: decoded.append(1) or real(*a))
     ds = load_dataset({"name": "cifar10", "path": str(archive), "limit": 50})
     assert ds.class_names == ["airplane", "automobile", "bird", "cat", "deer",
                               "dog", "frog", "horse", "ship", "truck"]
