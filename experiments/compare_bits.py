@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import keras
 
 from experiments.validate import TrainConfigError, check_value
-
-#: Every layer class that has quantization points (nics_fix's fixed layers).
-_LAYER_TYPES = ("Dense", "Conv2D", "DepthwiseConv2D", "BatchNormalization", "ReLU")
+from nics_fix.introspect import point_objects
+from nics_fix.layer_types import layer_types
 
 
 def check_compare_bits(value) -> list[int]:
@@ -39,7 +38,18 @@ def rounded_fixed_config(bits: int) -> dict:
     """A fixed config rounding every weight and activation to ``bits`` in training and evaluation."""
     point = {"data_config": {"bit_width": int(bits), "training": "auto", "not_training": "auto"}}
     return {"configs": {"rounded": {"weight": point, "activation": point}},
-            "by_type": {name: "rounded" for name in _LAYER_TYPES}}
+            "by_type": {name: "rounded" for name, has_points in layer_types().items() if has_points}}
+
+
+def _learned_weights(model) -> list:
+    """``model``'s weights without its quantization state (scales, dynamic counters).
+
+    The state's shapes follow the config (a per-channel scale is a vector, a
+    tensor scale a scalar), so it cannot be copied between configs; the rounded
+    model finds its own scales from ``max|x|``.
+    """
+    state = {id(v) for point in point_objects(model) for v in point.state_variables}
+    return [v for v in model.weights if id(v) not in state]
 
 
 def compare_bits(model, rebuild, evaluate, widths: Sequence[int]) -> dict[int, float]:
@@ -51,7 +61,8 @@ def compare_bits(model, rebuild, evaluate, widths: Sequence[int]) -> dict[int, f
     accuracies = {}
     for bits in widths:
         rounded = rebuild(rounded_fixed_config(bits))
-        rounded.set_weights(model.get_weights())
+        for target, source in zip(_learned_weights(rounded), _learned_weights(model), strict=True):
+            target.assign(source)
         rounded.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         accuracies[int(bits)] = float(evaluate(rounded))
         del rounded

@@ -167,3 +167,40 @@ def test_epoch_line_with_thdh_counters_is_compact():
         "Epoch 3/15 - 1.2s - accuracy 0.8811 - loss 0.4123 - val_accuracy 0.8750\n"
         "  - updates rounded away 25.0% (most: dense1/kernel 40.0%), saturated 0.0%")
     assert epoch_line(0, 1, 0.5, {"loss": 1.0}) == "Epoch 1/1 - 0.5s - loss 1.0000"
+
+
+def test_compare_bits_rounds_a_model_trained_with_per_channel_scales():
+    """The rounded model's scales are its own (one per tensor): only the learned weights are copied."""
+    import keras
+
+    import nics_fix as nf
+    from experiments.compare_bits import compare_bits
+
+    def build(fixed):
+        with nf.fixed_scope("net", fixed):
+            inputs = keras.Input((6,))
+            outputs = nf.layers.Dense(3, name="dense")(nf.layers.Dense(4, activation="relu", name="hidden")(inputs))
+        return keras.Model(inputs, outputs)
+
+    channel = {"bit_width": 8, "training": "auto", "not_training": "auto", "granularity": "channel"}
+    trained = build({"by_type": {"Dense": {"weight": {"data_config": channel}}}})
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    trained(x)
+    assert trained.get_layer("hidden").fixed_points["kernel"].data_scale.shape == (1, 4)
+    seen = {}
+
+    def evaluate(rounded):
+        for name in ("hidden", "dense"):
+            kernel = np.asarray(trained.get_layer(name).kernel)
+            assert np.array_equal(np.asarray(rounded.get_layer(name).kernel), kernel)
+            assert rounded.get_layer(name).fixed_points["kernel"].data_scale.shape == ()
+        hidden = np.asarray(trained.get_layer("hidden").kernel)
+        scale = int(np.ceil(np.log2(np.abs(hidden).max())))
+        step = 2.0 ** (scale - 3)
+        expected = np.clip(np.round(hidden / step), -16, 15) * step  # 4 bits, one scale for the tensor
+        got = rounded.get_layer("hidden").fixed_points["kernel"](rounded.get_layer("hidden").kernel)
+        seen["exact"] = np.array_equal(np.asarray(got), expected)
+        return 0.5
+
+    assert compare_bits(trained, build, evaluate, [4]) == {4: 0.5}
+    assert seen["exact"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, shared_data_dir
+from tests.original_tf1_files import ORIGINAL_GENERATED_MLP, ORIGINAL_WAG
 
 README = REPO / "README.md"
 
@@ -156,6 +157,9 @@ def store(tmp_path_factory):
             path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / "__init__.py").touch()
             path.write_text(code, encoding="utf-8")
+    # The files a user of the original TF1 framework brings ("Coming from the original nics_fix").
+    (cwd / "config_fix_wag.yaml.sample").write_text(ORIGINAL_WAG, encoding="utf-8")
+    (cwd / "strategy.yaml").write_text(ORIGINAL_GENERATED_MLP, encoding="utf-8")
     tiny = ["data=synthetic", "data.num_examples=128", "data.test_examples=32", "model.hidden_units=[8]"]
     # An exportable run (input point, fixed scales): the integer export/eval commands take its id.
     train = _run([sys.executable, "-m", "experiments.train", *tiny, "trainer.epochs=1", "compare_bits=[]",
