@@ -31,20 +31,13 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from experiments import tracking
+from nics_fix.saving import atomic_savez, atomic_write
 
 STATE_JSON = "state.json"
 
 
 class ResumeError(ValueError):
     """Nothing to resume from where the user pointed."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a name private to this process, then rename: readers, and other
-    processes writing the same file, never see (or leave) half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str, logs=None) -> None:
@@ -55,12 +48,8 @@ def save_checkpoint(folder: Path, model, next_epoch: int, run_id: str, logs=None
         arrays.update({f"optimizer_{i}": keras.ops.convert_to_numpy(v)
                        for i, v in enumerate(optimizer.variables)})
 
-    def write_arrays(tmp):
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
     arrays_name = f"state-{int(next_epoch)}.npz"
-    atomic_write(folder / arrays_name, write_arrays)
+    atomic_savez(folder / arrays_name, arrays)
     state = {"next_epoch": int(next_epoch), "arrays": arrays_name, "run_id": run_id,
              "logs": {str(k): float(v) for k, v in (logs or {}).items()}}
     atomic_write(folder / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(state)))

@@ -8,12 +8,10 @@ CIFAR-10 through :func:`open_image_source` and :func:`load_image_folder`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -33,6 +31,8 @@ from experiments.data import (
     cache_dir,
     log,
 )
+from nics_fix.saving import atomic_savez
+
 
 @dataclass
 class _ImageSource:
@@ -175,26 +175,10 @@ def _extract_archive(archive: Path, packed: Path) -> None:
                         f"[<top>/]{{train,test}}/<class name>/<image>.jpg|.png.")
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
-    _atomic_savez(packed, names=np.array(names), offsets=offsets,
-                  data=np.frombuffer(b"".join(blobs), dtype=np.uint8))
+    atomic_savez(packed, dict(names=np.array(names), offsets=offsets,
+                              data=np.frombuffer(b"".join(blobs), dtype=np.uint8)))
     log.info("extracted %d images from %s in %.1f s", len(names), archive.name,
              time.perf_counter() - start)
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    """``np.savez`` through a temporary file and a rename: a concurrent run (e.g. a
-    Hydra multirun) sees either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: loads in a fraction of a second
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _image_splits(source: _ImageSource):
@@ -244,7 +228,7 @@ def _load_image_folder(source: _ImageSource, opts: _Options, image_shape) -> _Ra
         else:
             x = _decode_images(source, entries, image_shape)
             try:
-                _atomic_savez(cache_file, x=x)
+                atomic_savez(cache_file, {"x": x})
             except OSError as e:  # e.g. a read-only home: still a working (slower) load
                 log.warning("could not cache decoded images in %s: %s", cache_file, e)
         arrays[split] = (x, labels if idx is None else labels[idx])

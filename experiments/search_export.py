@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from experiments import checkpoint
 from experiments.search_options import COSTS
+from nics_fix.saving import atomic_write
 
 
 def _number(value):
@@ -49,7 +49,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    checkpoint.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _yaml_text(trial, study_name: str, metric: str, cost_key: str) -> str:
@@ -79,7 +79,7 @@ def export(study: optuna.Study, opts: Mapping, summary: Mapping, output_dir: Pat
     _write_csv(output_dir / "pareto.csv", rows)
     for n in summary["pareto"]:
         text = _yaml_text(by_number[n], study.study_name, metric, cost_key)
-        checkpoint.atomic_write(pareto_dir / f"trial_{n}.yaml", lambda tmp, text=text: tmp.write_text(text))
+        atomic_write(pareto_dir / f"trial_{n}.yaml", lambda tmp, text=text: tmp.write_text(text))
     _write_csv(output_dir / "trials.csv", [_trial_row(t, metric, cost_key) for t in by_number.values()])
     return {"pareto_csv": output_dir / "pareto.csv", "pareto_dir": pareto_dir,
             "trials_csv": output_dir / "trials.csv"}

@@ -155,14 +155,4 @@ def default_storage(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'optuna.db'}"
 
 
-def safe_url(url: str) -> str:
-    """A storage URL without its password (for logs and MLflow params)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show it as is
-        return url
-
-
 # --------------------------------------------------------------------------- search space

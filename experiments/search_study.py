@@ -16,7 +16,8 @@ import optuna
 from optuna.trial import TrialState
 
 from experiments import tracking
-from experiments.search_options import SQLITE_TIMEOUT, SearchConfigError, safe_url
+from experiments.search_options import SQLITE_TIMEOUT, SearchConfigError
+from experiments.tracking import without_passwords
 from experiments.search_space import Dimension, search_params, uniform_baseline_params
 
 
@@ -131,14 +132,14 @@ def open_study(opts: Mapping, study_name: str, storage_url: str, seed: int | Non
         raise
     except Exception as err:  # noqa: BLE001 - bad URL, missing driver, refused, wrong directions: one answer
         raise SearchConfigError(
-            f"search.storage={safe_url(storage_url)}: cannot open Optuna study {study_name!r} there "
+            f"search.storage={without_passwords(storage_url)}: cannot open Optuna study {study_name!r} there "
             f"({tracking.database_error_text(err)})\nFix: give an SQLAlchemy database URL that this machine can reach, "
             "e.g. sqlite:///path/optuna.db or postgresql+psycopg2://user:pass@host/db (null: sqlite "
             "in the run directory); a study of another search needs another search.study_name.") from None
     have = study.user_attrs
     for key, value in study_signature(opts, model_cfg).items():
         if key in have and have[key] != value:
-            raise SearchConfigError(f"{key}: study {study_name!r} in {safe_url(storage_url)} was run with "
+            raise SearchConfigError(f"{key}: study {study_name!r} in {without_passwords(storage_url)} was run with "
                                     f"{key}={_shown(have[key])}, this search has {_shown(value)}; resume it with "
                                     f"the same settings, or start another study (search.study_name=...)")
         if key not in have:

@@ -57,7 +57,7 @@ from experiments import checkpoint, config_files, tracking
 from experiments.data import load_dataset
 from experiments.search_export import export
 from experiments.search_options import (  # noqa: F401 - the search's public names, in one place
-    COSTS, DEFAULTS, QUANTITIES, SQLITE_TIMEOUT, SearchConfigError, default_storage, default_study_name, safe_url,
+    COSTS, DEFAULTS, QUANTITIES, SQLITE_TIMEOUT, SearchConfigError, default_storage, default_study_name,
     search_options)
 from experiments.search_space import (  # noqa: F401
     Dimension, allocation, allocation_cost, allocation_fixed_config, search_params, search_space)
@@ -169,7 +169,7 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
     run_id = parent.info.run_id
     study_name = study.study_name
     params = tracking.flatten(opts, "search")
-    params.update({"search.study_name": study_name, "search.storage": safe_url(storage_url),
+    params.update({"search.study_name": study_name, "search.storage": tracking.without_passwords(storage_url),
                    "search.dimensions": len(space), "search.parameters": len(search_params(space)),
                    "search.pruner_used": pruner_name(opts)})
     for group in ("data", "model", "trainer", "strategy"):
@@ -182,7 +182,7 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
     metric = "val_accuracy" if len(data.x_val) else "test_accuracy"
     print(f"search {study_name}: {len(space)} points, {len(search_params(space))} parameters over widths "
           f"{opts['widths']}; {opts['objective']} ({metric}, {opts['cost']}), sampler {opts['sampler']}, "
-          f"pruner {pruner_name(opts)}; storage {safe_url(storage_url)} ({len(study.trials)} trials stored); "
+          f"pruner {pruner_name(opts)}; storage {tracking.without_passwords(storage_url)} ({len(study.trials)} trials stored); "
           f"MLflow parent run {run_id}", flush=True)
     reference = float_reference(cfg, opts, study, choices, storage_url)
     target = None if reference is None else float(reference["accuracy"]) - float(opts["accuracy_delta"])
@@ -229,6 +229,6 @@ def _search_in_run(cfg, opts, data, model, space, study, storage_url, parent, ch
           f"(MLflow run {run_id}, artifacts pareto.csv and pareto/)", flush=True)
     if search.input_error is not None:  # the search fails; what it recorded and exported stays
         raise search.input_error
-    summary.update({"parent_run_id": run_id, "storage": safe_url(storage_url), "output_dir": str(output_dir),
+    summary.update({"parent_run_id": run_id, "storage": tracking.without_passwords(storage_url), "output_dir": str(output_dir),
                     "interrupted": interrupted})
     return summary

@@ -244,15 +244,10 @@ CONNECT_TIMEOUT = 10
 
 def _tracking_error(uri: str, reason: str) -> TrackingError:
     return TrackingError(
-        f"mlflow.tracking_uri={_safe_uri(uri)}: {reason}\n"
+        f"mlflow.tracking_uri={without_passwords(uri)}: {reason}\n"
         "Fix: point mlflow.tracking_uri at a reachable store, e.g. sqlite:///mlflow.db (a local file), "
         "postgresql+psycopg2://user:pass@host/db, or http://host:5000 (a running `mlflow server`); "
         "mlflow=server reads MLFLOW_TRACKING_URI.")
-
-
-def _safe_uri(uri: str) -> str:
-    """A database URL without its password (anything else as it is)."""
-    return without_passwords(uri)
 
 
 #: ``scheme://user:password@``: the password part of any URL (database or HTTP).

@@ -43,6 +43,33 @@ class FixedModelError(ValueError):
     """A saved fixed model is missing, damaged, or does not match the model."""
 
 
+
+def atomic_write(path, write) -> None:
+    """``write(tmp)`` to a name private to this process beside ``path``, then rename.
+
+    Readers, and other processes writing the same file (a Hydra multirun, search
+    workers), see either the old file or the whole new one, never half a file;
+    a failed write leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_savez(path, arrays: dict) -> None:
+    """``np.savez`` (uncompressed: loads fast) of ``arrays`` to ``path`` through :func:`atomic_write`."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
 def _layers_of(model_or_scope) -> list:
     if isinstance(model_or_scope, FixedScope):
         return list(model_or_scope.layers)
@@ -106,9 +133,7 @@ class FixedModelSaver:
             "layers": {name: cfg.to_dict() for name, cfg in configs.items()},
             "points": points,
         }
-        tmp = path / (WEIGHTS_FILE + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path / WEIGHTS_FILE)  # never leave a half-written weights file
+        atomic_savez(path / WEIGHTS_FILE, arrays)  # never a half-written weights file
         with open(path / CONFIG_FILE, "w", encoding="utf-8") as handle:
             yaml.safe_dump(layer_configs_to_fixed_config(configs), handle, sort_keys=False)
         with open(path / MANIFEST_FILE, "w", encoding="utf-8") as handle:

@@ -113,3 +113,10 @@ def postgres_database():
     """``(url, password)``: one database of :func:`postgres_role`."""
     with postgres_role(1) as (urls, password):
         yield urls[0], password
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long tests (marked ``slow``) first: under ``-n 2 --dist worksteal`` an idle worker
+    steals queued tests one by one, so starting the long ones early leaves short ones for
+    the end, and the run does not finish on one worker while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -131,6 +131,7 @@ def test_broken_fixed_and_strategy_files_in_a_config_dir(tmp_path, store, capsys
     assert any("got 40" in r.data.tags["error"] for r in runs)
 
 
+@pytest.mark.slow
 def test_bad_overrides_of_fixed_strategy_trainer_model_and_search(tmp_path, store, capsys):
     def main(module, *overrides):
         cheap = CHEAP if module != "experiments.eval" else []

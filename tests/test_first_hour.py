@@ -24,6 +24,7 @@ def run_cli(args, cwd, timeout=300, env=None):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_job_shows_fixed_point_where_the_record_is_and_what_next(tmp_path):
     done = run_cli(["experiments.train", *TINY, "compare_bits=[8,1]", f"hydra.run.dir={tmp_path}/out"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -117,6 +118,7 @@ def test_unknown_added_key_stops_the_job_before_training(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded
 
 
+@pytest.mark.slow
 def test_sigterm_is_one_line_with_the_resume_command_and_the_resumed_run_says_so(tmp_path):
     import signal
     import time

@@ -41,6 +41,7 @@ def store(tmp_path):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_auto_job_records_its_choice_and_trains_as_that_fixed_setting(store, tmp_path, monkeypatch):
     monkeypatch.setattr(jit_choice, "MIN_JOB_STEPS", 0)
     monkeypatch.setattr(jit_choice, "REPETITIONS", 2)

@@ -72,6 +72,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package chromium)")
 def test_mlflow_ui_opens_on_the_runs_table_with_the_result(trained):
     folder, uri, results = trained

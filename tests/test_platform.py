@@ -89,6 +89,7 @@ def test_eval_reproduces_the_training_accuracy_exactly(trained, store):
     assert metrics["eval.test_accuracy"] == metrics["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_accuracies(store):
     cfg = compose_train(["fixed=uniform8", "trainer.save_model=false"], store, experiment="seeds")
     first = run_training(cfg, choices={})

@@ -27,8 +27,9 @@ from tests.original_tf1_files import ORIGINAL_GENERATED_MLP, ORIGINAL_WAG
 
 README = REPO / "README.md"
 
-#: What makes a train-like job small: one epoch on a few hundred examples, one rounded width.
-TRAIN_SMALL = ["trainer.epochs=1", "data.limit=256", "data.test_limit=128", "compare_bits=[4]"]
+#: What makes a train-like job small: one epoch on a few hundred examples, no post-training
+#: rounding (``compare_bits`` rebuilds and re-traces the model; tests/test_first_hour.py covers it).
+TRAIN_SMALL = ["trainer.epochs=1", "data.limit=256", "data.test_limit=128", "compare_bits=[]"]
 SEARCH_SMALL = TRAIN_SMALL + ["search.n_trials=2", "search.widths=[4,8]", "search.float_reference=false"]
 
 #: Command prefix -> extra arguments, or a string: the reason the command is not run here.
@@ -51,6 +52,14 @@ SMALL: dict[str, list[str] | str] = {
 }
 #: Extra arguments of a command no entry of SMALL matches: Hydra jobs of experiments/ get the train settings.
 DEFAULT_SMALL = {"python -m experiments.": TRAIN_SMALL}
+
+#: A word of the command -> extra arguments that shrink its model (same layer types, fewer of them):
+#: tracing a full-size zoo model costs minutes, and the command's meaning is its config, not its size.
+MODEL_SMALL = {
+    "model=resnet20": ["model.blocks=1", "model.filters=[4,8,8]"],
+    "model=vit": ["model.depth=1", "model.dim=16", "model.heads=2"],
+    "+experiment=cifar10_vgg11": ["model.width=0.125"],
+}
 
 #: Placeholder -> how the store names it (filled in by the ``store`` fixture).
 PLACEHOLDERS = ("<run id>", "<search parent run id>")
@@ -108,9 +117,10 @@ def extras_for(command: str):
     words = " ".join(split(command))
     table = {**DEFAULT_SMALL, **SMALL}
     matches = [p for p in table if words.startswith(p)]
-    if not matches:
-        return []
-    return table[max(matches, key=len)]
+    extras = table[max(matches, key=len)] if matches else []
+    if isinstance(extras, str):
+        return extras
+    return extras + [extra for word, more in MODEL_SMALL.items() if word in split(command) for extra in more]
 
 
 def with_extras(words: list[str], extras: list[str]) -> list[str]:

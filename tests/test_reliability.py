@@ -78,6 +78,7 @@ def test_sigkilled_train_job_resumes_in_the_same_run(tmp_path):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logged", [False, True], ids=["before_logging", "after_logging"])
 def test_resumed_run_equals_an_uninterrupted_one_and_logs_each_epoch_once(tmp_path, mlflow_template,
                                                                             monkeypatch, logged):

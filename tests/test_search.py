@@ -169,6 +169,7 @@ def test_search_config_composes_the_train_config():
 # --------------------------------------------------------------------------- searches
 
 
+@pytest.mark.slow
 def test_search_records_study_runs_pareto_and_resumes(store, tmp_path):
     out = tmp_path / "search"
     first = search(store, out, "search.n_trials=4", "search.widths=[2,4,8]")
@@ -267,6 +268,7 @@ def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(store, tmp_path
     assert summary["states"] == {"FAIL": 1, "COMPLETE": 1}
 
 
+@pytest.mark.slow
 def test_uniform_baseline_enqueues_one_trial_per_width(store, tmp_path):
     out = tmp_path / "search"
     summary = search(store, out, "search.baseline=uniform", "search.widths=[3,8]", "search.n_trials=0")
