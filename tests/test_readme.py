@@ -58,6 +58,7 @@ DEFAULT_SMALL = {"python -m experiments.": TRAIN_SMALL}
 MODEL_SMALL = {
     "model=resnet20": ["model.blocks=1", "model.filters=[4,8,8]"],
     "model=vit": ["model.depth=1", "model.dim=16", "model.heads=2"],
+    "model=mobilenet_v2": ["model.width=0.35", "model.input_size=32"],
     "+experiment=cifar10_vgg11": ["model.width=0.125"],
 }
 
@@ -228,3 +229,6 @@ def test_the_readme_has_its_commands_and_blocks():
     assert words == ["python", "-m", "experiments.train", "trainer.epochs=1", "x.y=2"]
     assert with_extras(["m", "--rounds", "3", "--mlflow"], ["--rounds", "1", "--warmup", "0"]) == \
         ["m", "--mlflow", "--rounds", "1", "--warmup", "0"]
+    resnet = "python -m experiments.train model=resnet20 data=cifar10 trainer.epochs=3"
+    assert with_extras(split(resnet), extras_for(resnet))[-2:] == ["model.blocks=1", "model.filters=[4,8,8]"]
+    assert extras_for("python -m pytest -n 2") == SMALL["python -m pytest"]
