@@ -161,7 +161,12 @@ def _weight_format(layer, key: str, variable):
         if isinstance(mode, int):
             return mode, data.bit_width
     point = layer.fixed_points[key]
-    return int(keras.ops.convert_to_numpy(point.data_scale)), data.bit_width
+    scale = keras.ops.convert_to_numpy(point.data_scale)
+    if scale.size != 1:
+        raise ValueError(f"weight {layer.name}/{key} has {scale.size} scales ({data.granularity}): the gradient "
+                         f"buffer keeps one scale per weight; give the weight a storage format with an integer "
+                         f"scale, or per-tensor data scales")
+    return int(scale.reshape(())), data.bit_width
 
 
 def buffer_strategy_config(model, learning_rate: float, buffer_bit_width: int = 24,

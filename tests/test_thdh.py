@@ -428,3 +428,11 @@ def test_buffer_strategy_config_from_model():
     with nf.fixed_scope("t2", cfg, parsed):
         rebuilt = keras.Sequential([keras.Input((3,)), nf.Dense(2, name="d")])
     assert isinstance(rebuilt.layers[0].strategy, nf.GradientBufferStrategy)
+
+
+def test_buffer_strategy_config_refuses_per_channel_weight_scales():
+    data = {"bit_width": 8, "training": "auto", "not_training": "fixed", "granularity": "channel"}
+    model, _ = one_dense((3, 2), {"by_name": {"d": {"weight": {"data_config": data}}}})
+    model(np.ones((1, 3), np.float32), training=True)
+    with pytest.raises(ValueError, match=r"weight d/kernel has 2 scales \(channel\): the gradient buffer keeps one"):
+        nf.buffer_strategy_config(model, learning_rate=0.1)
