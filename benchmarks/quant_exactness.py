@@ -1,6 +1,8 @@
 """Bit-exactness guard for performance work on ``nics_fix/quant.py`` and ``nics_fix/point.py``.
 
-Two checks, both in eager mode, in ``tf.function`` and in ``tf.function(jit_compile=True)``:
+Two checks, both in eager mode, in ``tf.function`` and in ``tf.function(jit_compile=True)``
+(the reference check also eager and in ``tf.function`` with nics_fix's fused kernel off, so
+both CPU paths are held to the reference; the fingerprint takes the default path):
 
 1. ``fixed_point_quantize`` against a NumPy float64 reference,
    ``clip(rint(x / step) * step, -2**s, 2**s - step)`` (``floor`` for floor
@@ -37,20 +39,30 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 MODES = ("eager", "graph", "xla")
+#: The reference check also runs these: eager and graph without nics_fix's fused kernel.
+PLAIN_MODES = ("eager-plain", "graph-plain")
 
 
 def _runner(mode):
-    """``run(key, fn, *args)``: call ``fn`` eagerly, or as a ``tf.function`` cached under ``key``."""
+    """``run(key, fn, *args)``: call ``fn`` eagerly, or as a ``tf.function`` cached under ``key``;
+    ``*-plain`` modes run (and trace) with the fused kernel off."""
+    import contextlib
+
     import tensorflow as tf
 
+    from nics_fix import kernels
+
     cache = {}
+    plain = mode.endswith("-plain")
+    mode = mode.removesuffix("-plain")
 
     def run(key, fn, *args):
-        if mode == "eager":
-            return fn(*args)
-        if key not in cache:
-            cache[key] = tf.function(fn, jit_compile=(mode == "xla"))
-        return cache[key](*args)
+        with kernels.disabled() if plain else contextlib.nullcontext():
+            if mode == "eager":
+                return fn(*args)
+            if key not in cache:
+                cache[key] = tf.function(fn, jit_compile=(mode == "xla"))
+            return cache[key](*args)
 
     return run
 
@@ -107,7 +119,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def check_reference(seed: int = 0, modes=MODES, verbose: bool = True) -> int:
+def check_reference(seed: int = 0, modes=MODES + PLAIN_MODES, verbose: bool = True) -> int:
     """Return the number of failures of the NumPy reference check."""
     import tensorflow as tf
 
@@ -304,6 +316,9 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # the many small tf.functions retrace on purpose
+    from nics_fix import kernels
+
+    print(f"fused quantize kernel: {kernels.status()}")
     failures = 0 if args.no_reference else check_reference()
     if args.save or args.compare:
         fp = fingerprint()

@@ -36,7 +36,8 @@ Results go to ``benchmarks/results/train_step-<tag>.{csv,json}`` (gitignored),
 with the TensorFlow/Keras versions, thread settings and per-repetition times.
 
 Scale granularity: ``--variants quant,channel`` adds per-channel weight scales
-(``chall``: every scale per channel, ``block32``: every scale per block of 32);
+(``chall``: every scale per channel, ``block32``: every scale per block of 32;
+``plain``: as quant, without nics_fix's fused quantize kernel);
 the ``vs q`` column is the median per-repetition time ratio against ``quant``
 (per-tensor scales), e.g.::
 
@@ -46,6 +47,7 @@ the ``vs q`` column is the median per-repetition time ratio against ``quant``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -88,6 +90,8 @@ VARIANTS = {
     "float": ("plain float (nics_fix layers, no config)", None),
     "quant": ("W, A, dW, dA at 8 bits, auto scales", quant_config(True)),
     "wa": ("W and A at 8 bits (float gradients)", quant_config(False)),
+    # not in the default set: quant traced without nics_fix's fused kernel (what it saves: "vs q")
+    "plain": ("as quant, on plain TensorFlow ops (fused kernel off)", quant_config(True)),
     # not in the default set: evaluation with the stored (``fixed``) scales
     "qfixed": ("as quant, but evaluation uses the stored scales", quant_config(True, not_training="fixed")),
     # scale granularity (not in the default set): compare with quant in the "vs quant" column
@@ -193,7 +197,12 @@ def measure(kind: str, jit: bool, variants: list[str], phases: list[str], reps: 
     """Rows (one per variant and phase, float included) with per-repetition times."""
     x, y = batch(kind)
     t0 = time.perf_counter()
-    steppers = {v: Stepper(build_model(kind, v, jit), x, y) for v in ["float"] + variants}
+    from nics_fix import kernels
+
+    steppers = {}
+    for v in ["float"] + variants:
+        with kernels.disabled() if v == "plain" else contextlib.nullcontext():
+            steppers[v] = Stepper(build_model(kind, v, jit), x, y)  # traced here
     log(f"  built and compiled {len(steppers)} models in {time.perf_counter() - t0:.1f} s")
     names = list(steppers)
     rows = []

@@ -34,12 +34,13 @@ from nics_fix.log import logger
 from nics_fix.quant import (
     ScaleGroups,
     _as_float32,
-    _auto_format,
+    _auto_quantize,
     _auto_scale_pow2,
     _Format,
     _grouped_auto_format,
     _quantize,
     _quantize_ste,
+    _straight_through,
     group_auto_scale,
 )
 from nics_fix.strategy import PointInfo, Strategy
@@ -171,16 +172,19 @@ class FixedPoint:
             # nearest, so a model's predictions (and their reproduction) are deterministic.
             rounding = "nearest" if not training and data.rounding == "stochastic" else data.rounding
             if mode == "auto" and x.dtype == tf.float32:
-                # The scale's two reductions also tell whether any element is
+                # The scale's reductions also tell whether any element is
                 # clipped; if none is, the backward pass skips the STE mask.
                 if self.data_groups is None:
-                    fmt, all_inside = _auto_format(x, data.bit_width)
-                    stored = fmt.scale
+                    quantized, scale, all_inside = _auto_quantize(
+                        x, data.bit_width, rounding, guess=tf.convert_to_tensor(self.data_scale))
+                    self.data_scale.assign(scale)
+                    bit_width = data.bit_width
+                    x = _straight_through(x, quantized, lambda: _Format(bit_width, scale), all_inside)
                 else:
                     fmt, all_inside, stored = _grouped_auto_format(x, data.bit_width, self.data_groups)
-                scale = fmt.scale
-                self.data_scale.assign(stored)
-                x = _quantize_ste(x, fmt, rounding, all_inside=all_inside)
+                    scale = fmt.scale
+                    self.data_scale.assign(stored)
+                    x = _quantize_ste(x, fmt, rounding, all_inside=all_inside)
             else:
                 stored, fmt = self._format(x, mode, data.bit_width, self.data_scale, self.data_groups,
                                            self.data_dynamic)
@@ -250,7 +254,11 @@ class FixedPoint:
                     stored = None if grad.training == "none" else tf.convert_to_tensor(self.grad_scale)
                     dy = getattr(strategy, f"pre_{kind}_grad")(dy, PointInfo(name, kind, grad, stored, True))
                 scale = None
-                if grad.training != "none":
+                if grad.training == "auto" and self.grad_groups is None:
+                    dy, scale, _ = _auto_quantize(_as_float32(dy), grad.bit_width, grad.rounding,
+                                                 guess=tf.convert_to_tensor(self.grad_scale))
+                    self.grad_scale.assign(scale)
+                elif grad.training != "none":
                     dy = _as_float32(dy)
                     stored, fmt = self._format(dy, grad.training, grad.bit_width, self.grad_scale,
                                                self.grad_groups, self.grad_dynamic)

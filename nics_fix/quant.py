@@ -13,12 +13,16 @@ data), or (the quantization points) the private building blocks they are made
 of; nothing else rounds. The functions are pure: they read no variables and
 write none, so they can be tested against a NumPy reference bit for bit.
 
-Speed, never at the cost of a value (``benchmarks/quant_exactness.py`` checks
-every path bit for bit): round-to-nearest with one scale per tensor runs as
-one fused TensorFlow CPU kernel (per-channel and per-block scales take the
-plain ops); an auto scale costs two read-only reductions, which also tell the
-backward pass when the straight-through mask is all ones; under XLA
-(``jit_compile=True``) plain ops are used and XLA fuses them.
+Speed, never at the cost of a value (``benchmarks/quant_exactness.py`` and
+``tests/test_kernels.py`` check every path bit for bit): round-to-nearest with
+one scale per tensor (2..24 bits, CPU, outside XLA) runs as nics_fix's own
+fused kernel (:mod:`nics_fix.kernels`, built on first use), which computes an
+auto scale, the quantize and the clip test in one op; where it cannot be
+built, TensorFlow's fused QuantizeAndDequantizeV2 kernel quantizes and an auto
+scale costs two read-only reductions, which also tell the backward pass when
+the straight-through mask is all ones. Per-channel and per-block scales take
+the plain ops; under XLA (``jit_compile=True``) plain ops are used and XLA
+fuses them. :func:`_plain_quantize` is the definition every fused path matches.
 
 Scales are clamped to ``[MIN_SCALE, MAX_SCALE]`` so that ``step``, ``1/step``
 and ``2**s`` are all *normal* float32 numbers for every bit width 1..32; this is
@@ -402,13 +406,37 @@ def _quantize(x, fmt: _Format, rounding: str, seed=None):
     in float64, with the same plain ops, so a value with more significant bits
     than float32 holds is rounded once, onto the grid, never twice.
     """
+    return _quantize_checked(x, fmt, rounding, seed)[0]
+
+
+def _fused(bit_width: int, rounding: str) -> bool:
+    """True when a fused CPU kernel computes this quantize with one scale per tensor."""
+    return rounding == "nearest" and bit_width in _FUSED_BITS and _fused_kernel_allowed()
+
+
+def _native_op():
+    """nics_fix's own fused kernel (:mod:`nics_fix.kernels`), or None where it is not built."""
+    from nics_fix.kernels import quantize_op
+
+    return quantize_op()
+
+
+def _quantize_checked(x, fmt: _Format, rounding: str, seed=None):
+    """``(quantized x, all_inside)``: as :func:`_quantize`; ``all_inside`` (bool
+    scalar: no element NaN or clipped) where the fused kernel tells it for free, else None."""
     if x.dtype == tf.float64:
-        return _quantize_float64(x, fmt, rounding, seed)
+        return _quantize_float64(x, fmt, rounding, seed), None
     # Per-channel and per-block formats take the plain ops: TensorFlow's
     # per-channel fused kernel (QuantizeAndDequantizeV3 with an axis) measured
     # slower than them in a training step.
-    if (rounding == "nearest" and fmt.bit_width in _FUSED_BITS and _one_range(fmt)
-            and _fused_kernel_allowed()):
+    if _one_range(fmt) and _fused(fmt.bit_width, rounding):
+        op = _native_op()
+        if op is not None:
+            scale = fmt.scale
+            if not isinstance(scale, numbers.Integral) and scale.shape.rank:
+                scale = tf.reshape(scale, [])
+            y, _, all_inside = op(x, scale, bit_width=fmt.bit_width, auto_scale=False)
+            return y, all_inside
         low, high = fmt.low, fmt.high
         if not isinstance(low, float) and low.shape.rank:
             low, high = tf.reshape(low, []), tf.reshape(high, [])
@@ -417,10 +445,32 @@ def _quantize(x, fmt: _Format, rounding: str, seed=None):
             num_bits=fmt.bit_width, range_given=True, round_mode="HALF_TO_EVEN", narrow_range=False)
         # Like tf.round, the fused kernel must not pass gradients (its registered
         # gradient is the identity): use quantize_ste for the straight-through one.
-        return tf.stop_gradient(y)
+        return tf.stop_gradient(y), None
+    return _plain_quantize(x, fmt, rounding, seed), None
+
+
+def _plain_quantize(x, fmt: _Format, rounding: str, seed=None):
+    """The quantize in plain TensorFlow ops (the definition the fused kernels must match)."""
     step, inv_step = fmt.steps()
     q = _round_steps(x * inv_step, rounding, seed)  # exact: multiplying by a power of two
     return tf.clip_by_value(q * step, fmt.low, fmt.high)
+
+
+def _auto_quantize(x, bit_width: int, rounding: str, seed=None, guess=0):
+    """Float32 ``x`` quantized with its auto scale (one per tensor): ``(y, scale, all_inside)``.
+
+    ``y`` carries no gradient (wrap it with :func:`_straight_through`);
+    ``all_inside`` is None under XLA. Where nics_fix's fused kernel runs, the
+    scale, the quantize and the clip test are one op, and ``guess`` (an int32
+    scalar, e.g. the scale stored by the last call) saves it a pass over
+    memory when it is right; the result never depends on it.
+    """
+    if _fused(bit_width, rounding):
+        op = _native_op()
+        if op is not None:
+            return op(x, guess, bit_width=bit_width, auto_scale=True)
+    fmt, all_inside = _auto_format(x, bit_width)
+    return _quantize(x, fmt, rounding, seed), fmt.scale, all_inside
 
 
 def _round_steps(v, rounding: str, seed=None):
@@ -510,18 +560,27 @@ def _quantize_ste(x, fmt: _Format, rounding: str, seed=None, all_inside=None):
     ``all_inside``: optional bool scalar, true when no element of ``x`` is clipped;
     the backward pass then returns the gradient as it is (what the mask would).
     """
-    low, high = fmt.low, fmt.high
+    y, checked = _quantize_checked(_as_float(x), fmt, rounding, seed)
+    return _straight_through(x, y, lambda: fmt, checked if all_inside is None else all_inside)
 
+
+def _straight_through(x, y, format_fn, all_inside=None):
+    """``y`` (``x`` quantized, computed without gradient) with the straight-through
+    gradient of ``x``: passed where ``x`` lies in the range of ``format_fn()``
+    (a :class:`_Format`, built only when the mask is needed), zero where it was clipped.
+
+    ``all_inside``: optional bool scalar, true when no element is clipped; the
+    backward pass then returns the gradient as it is (what the mask would).
+    """
     @tf.custom_gradient
     def _quantize_fn(x):
-        y = _quantize(_as_float(x), fmt, rounding, seed)
-
         def grad(dy):
             def masked():
-                lo, hi = low, high
+                fmt = format_fn()
+                lo, hi = fmt.low, fmt.high
                 if x.dtype == tf.float64:
                     step = tf.cast(fmt.steps()[0], tf.float64)
-                    lo, hi = tf.cast(low, tf.float64), tf.cast(fmt.p, tf.float64) - step
+                    lo, hi = tf.cast(lo, tf.float64), tf.cast(fmt.p, tf.float64) - step
                 elif x.dtype != tf.float32:
                     lo, hi = tf.cast(lo, x.dtype), tf.cast(hi, x.dtype)
                 inside = tf.logical_and(x >= lo, x <= hi)
@@ -531,7 +590,7 @@ def _quantize_ste(x, fmt: _Format, rounding: str, seed=None, all_inside=None):
                 return masked()
             return tf.cond(all_inside, lambda: tf.identity(dy), masked)
 
-        return y, grad
+        return tf.identity(y), grad
 
     return _quantize_fn(x)
 

@@ -1,0 +1,191 @@
+"""The fused quantize kernel: a TensorFlow CPU op built from ``quantize_op.cc`` on first use.
+
+:mod:`nics_fix.quant` calls it for round-to-nearest with one scale per tensor
+(2..24 bits, CPU, outside XLA): the auto scale's reduction, the quantize and
+the clip test then take one op and two passes over memory instead of about
+twenty TensorFlow ops. Its values are those of the plain ops bit for bit
+(``tests/test_kernels.py``, ``benchmarks/quant_exactness.py``).
+
+The op is compiled once per machine and TensorFlow install, with the C++
+compiler found as ``$CXX``, ``g++`` or ``c++`` and TensorFlow's own flags
+(about 10 s), into ``$NICS_FIX_KERNEL_CACHE`` (default
+``~/.cache/nics_fix/kernels``); processes that start together wait for one
+build. The library checks the CPU at run time (AVX2 or not), so a cache shared
+by the nodes of a cluster is safe.
+
+Anything that goes wrong (no compiler, a failed build or load, a self-check
+that does not match the plain ops) leaves ``quantize_op()`` returning None
+with the reason in :func:`status`, logged once, and everything runs on the
+plain TensorFlow ops, with the same values. ``NICS_FIX_NATIVE=0`` turns the
+kernel off.
+
+>>> from nics_fix import kernels
+>>> kernels.status()                          # doctest: +SKIP
+'loaded /root/.cache/nics_fix/kernels/quantize_op-3f9c2a41d0e7b5c8.so'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from nics_fix.log import logger
+
+SOURCE = Path(__file__).with_name("quantize_op.cc")
+OP_NAME = "NicsFixFixedPointQuantize"
+SWITCH_ENV = "NICS_FIX_NATIVE"
+CACHE_ENV = "NICS_FIX_KERNEL_CACHE"
+BUILD_TIMEOUT_S = 600
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$NICS_FIX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/nics_fix/kernels``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nics_fix" / "kernels"
+
+
+def build_flags() -> list[str]:
+    # -ffp-contract=off: a fused multiply-add would skip a rounding the plain ops make.
+    return ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-w",
+            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def library_path() -> Path:
+    """The library for this source, TensorFlow build and flags (a new name when any changes)."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(f"{tf.__version__} {tf.__git_version__} {' '.join(build_flags())}".encode())
+    return cache_dir() / f"quantize_op-{key.hexdigest()[:16]}.so"
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def quantize_op():
+    """The op's Python function (``nics_fix_fixed_point_quantize``), or None: see :func:`status`."""
+    if _state.get("disabled"):
+        return None
+    with _lock:
+        if "op" not in _state:
+            _state["op"], _state["status"] = _load()
+            log = logger.info if _state["op"] is not None or not enabled() else logger.warning
+            log("fused quantize kernel: %s", _state["status"])
+        return _state["op"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Models traced inside this block use the plain TensorFlow ops (for side-by-side timing).
+
+    >>> with kernels.disabled():                  # doctest: +SKIP
+    ...     model.train_on_batch(x, y)            # traced here: plain ops from now on
+    """
+    _state["disabled"] = _state.get("disabled", 0) + 1
+    try:
+        yield
+    finally:
+        _state["disabled"] -= 1
+
+
+def status() -> str:
+    """Why the kernel is used or not, in one line (loads it first if that was not tried yet)."""
+    quantize_op()
+    return _state["status"]
+
+
+def _load():
+    if not enabled():
+        return None, f"off ({SWITCH_ENV}=0): plain TensorFlow ops"
+    try:
+        path = library_path()
+        if not path.exists():
+            compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+            if compiler is None:
+                return None, "no C++ compiler (g++) to build it: plain TensorFlow ops, same values, slower"
+            _build(compiler, path)
+        with tf.init_scope():  # eagerly, even when first asked for while a model is traced
+            library = tf.load_op_library(str(path))
+            tf.no_gradient(OP_NAME)  # gradients are the straight-through ones of nics_fix.quant
+            op = library.nics_fix_fixed_point_quantize
+            mismatch = _self_check(op)
+    except _BuildError as err:
+        return None, f"{err}: plain TensorFlow ops, same values, slower"
+    except (OSError, tf.errors.OpError, ValueError, KeyError, AttributeError) as err:
+        return None, f"could not load {path}: {str(err).splitlines()[0]}: plain TensorFlow ops"
+    if mismatch:
+        return None, f"{path} does not match the plain ops ({mismatch}): not used"
+    return op, f"loaded {path}"
+
+
+class _BuildError(RuntimeError):
+    pass
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile to ``path`` once: one process builds, the others wait on the lock and load its result."""
+    from nics_fix.saving import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX: at worst two processes build
+            pass
+        if path.exists():
+            return
+        logger.warning("building the fused quantize kernel into %s (once per machine, about 10 s)", path)
+        log_path = path.with_suffix(".log")
+
+        def compile_to(tmp):
+            command = [compiler, str(SOURCE), "-o", str(tmp), *build_flags()]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            except FileNotFoundError:
+                raise _BuildError(f"building {path.name} failed ({compiler} not found)") from None
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise _BuildError(f"building {path.name} failed ({err})") from None
+            if done.returncode != 0:
+                log_path.write_text(" ".join(command) + "\n" + done.stdout + done.stderr)
+                raise _BuildError(f"building {path.name} failed (exit {done.returncode}, log: {log_path})")
+
+        atomic_write(path, compile_to)
+
+
+def _self_check(op) -> str:
+    """Compare the op with the plain ops on the cases that are easy to get wrong; '' if all match."""
+    from nics_fix import quant
+
+    x = tf.constant(np.float32([0.0, -0.0, 0.5, 1.5, -2.5, 2.5, 0.3, -0.3, 1e-40, 3.0e38, -7.75, 127.0, -129.0,
+                                np.nan, np.inf, -np.inf] + list(np.linspace(-9, 9, 37))))
+    for bit_width in (2, 8, 24):
+        for scale in (-3, 0, 4, 200):
+            want = quant._plain_quantize(x, quant._Format(bit_width, scale), "nearest")
+            got = op(x, scale, bit_width=bit_width, auto_scale=False)[0]
+            if not _same_bits(got.numpy(), want.numpy()):
+                return f"{bit_width} bits, scale {scale}"
+        fmt, _ = quant._auto_format(x[:13], bit_width)
+        got, scale, _ = op(x[:13], 0, bit_width=bit_width, auto_scale=True)
+        if int(scale) != int(fmt.scale):
+            return f"auto scale at {bit_width} bits"
+    return ""
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-identical, -0 included; any NaN equals any NaN (payloads are not part of the format)."""
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.int32), b[~nan].view(np.int32)))

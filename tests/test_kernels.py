@@ -1,0 +1,169 @@
+"""The fused quantize kernel (nics_fix/kernels) against the plain TensorFlow ops, bit for bit,
+and its clean fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nics_fix as nf
+from nics_fix import kernels, quant
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+op = kernels.quantize_op()
+needs_kernel = pytest.mark.skipif(op is None, reason=f"fused kernel not available: {kernels.status()}")
+
+
+def same_bits(a, b) -> bool:
+    return kernels._same_bits(np.asarray(a), np.asarray(b))
+
+
+def awkward_tensors(rng):
+    """Sizes around the 8-lane and 4096-element chunk edges, with the values that are easy to get wrong."""
+    special = np.float32([0.0, -0.0, np.nan, 1e-45, -1e-45, 1e-40, 3.0e38, -3.0e38, 0.5, -0.5, 1.5, 2.5, -2.5])
+    out = [np.zeros(0, np.float32), np.float32([np.nan]), np.float32([-0.0, 0.0]), special,
+           np.float32([np.inf, -0.3, 0.2]), np.float32([-np.inf, np.nan, 7.0]), np.full(9, np.nan, np.float32)]
+    for n in (1, 7, 8, 9, 4095, 4096, 4097, 8193, 20001):
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-20, 20)).astype(np.float32)
+        x[rng.integers(0, n, max(1, n // 50))] = rng.choice(special, max(1, n // 50))
+        out.append(x)
+    out.append(rng.standard_normal((3, 5, 7)).astype(np.float32))
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-4-lane"])
+def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable):
+    rng = np.random.default_rng(5)
+    for x in awkward_tensors(rng):
+        t = tf.constant(x)
+        for bit_width in (2, 3, 4, 7, 8, 12, 16, 23, 24):
+            fmt, inside = quant._auto_format(t, bit_width)
+            right = int(fmt.scale)
+            for guess in (0, right, right - 1, right + 1, -94):  # the guess saves work, never changes a bit
+                y, scale, all_inside = op(t, guess, bit_width=bit_width, auto_scale=True, portable=portable)
+                assert int(scale) == right, (bit_width, x[:5])
+                assert bool(all_inside) == bool(inside), (bit_width, guess, x[:5])
+                assert same_bits(y, quant._plain_quantize(t, fmt, "nearest")), (bit_width, guess, x[:5])
+            for s in (-120, -94, -5, 0, 3, 126, 300):
+                fixed = quant._Format(bit_width, s)
+                y, used, all_inside = op(t, s, bit_width=bit_width, auto_scale=False, portable=portable)
+                want = quant._plain_quantize(t, fixed, "nearest").numpy()
+                assert int(used) == min(max(s, quant.MIN_SCALE), quant.MAX_SCALE)
+                assert same_bits(y, want), (bit_width, s, x[:5])
+                inside_ref = bool(np.all((x >= fixed.low) & (x <= fixed.high)))  # NaN compares false
+                assert bool(all_inside) == inside_ref, (bit_width, s)
+
+
+@needs_kernel
+def test_the_kernel_keeps_the_shape_and_refuses_bad_arguments():
+    x = tf.random.normal((4, 3, 2))
+    assert op(x, 1, bit_width=8, auto_scale=False)[0].shape == (4, 3, 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bit_width must be 2..24, got 25"):
+        op(x, 1, bit_width=25, auto_scale=False)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="scale must be a scalar|rank"):
+        op(x, [1, 2], bit_width=8, auto_scale=False)
+
+
+@needs_kernel
+def test_quantize_ste_through_the_kernel_masks_clipped_gradients():
+    x = tf.constant(np.float32([-3.0, -2.0, -0.3, 0.0, 0.7, 1.75, 1.9, 5.0, np.nan]))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = nf.quantize_ste(x, 4, 1)
+    grad = tape.gradient(y, x, output_gradients=tf.ones_like(x) * 3.0).numpy()
+    # range [-2, 1.75]: inside passes the gradient, clipped (and NaN) elements get 0
+    np.testing.assert_array_equal(grad, np.float32([0, 3, 3, 3, 3, 3, 0, 0, 0]))
+    np.testing.assert_array_equal(y.numpy()[:8], np.float32([-2.0, -2.0, -0.25, 0.0, 0.75, 1.75, 1.75, 1.75]))
+
+
+@needs_kernel
+def test_a_quantized_layer_gives_the_same_bits_and_gradients_with_and_without_the_kernel(monkeypatch):
+    """Forward, stored scales and all gradients of a training step, kernel on against kernel off."""
+    cfg = {"data_config": {"bit_width": 6, "training": "auto", "not_training": "fixed"},
+           "gradient_config": {"bit_width": 6, "training": "auto"}}
+    x = np.random.default_rng(1).standard_normal((16, 12)).astype(np.float32) * 4
+
+    def step():
+        with nf.fixed_scope("k", {"by_type": {"Dense": {"weight": cfg, "activation": cfg}}}):
+            layer = nf.Dense(5)
+            layer.build((None, 12))
+        layer.kernel.assign(np.random.default_rng(2).standard_normal((12, 5)).astype(np.float32))
+
+        @tf.function
+        def run(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = layer(t, training=True)
+                loss = tf.reduce_sum(y * y)
+            return (y, *tape.gradient(loss, [t, layer.kernel, layer.bias]),
+                    *[tf.convert_to_tensor(v) for v in layer.non_trainable_weights])
+
+        return [v.numpy() for v in run(tf.constant(x))]
+
+    with_kernel = step()
+    monkeypatch.setattr(quant, "_native_op", lambda: None)
+    without = step()
+    assert len(with_kernel) == len(without)
+    for a, b in zip(with_kernel, without):
+        assert same_bits(a, b)
+
+
+def test_the_self_check_catches_a_wrong_kernel():
+    def off_by_one_step(x, scale, bit_width, auto_scale):
+        y, s, inside = op(x, scale, bit_width=bit_width, auto_scale=auto_scale) if op else (x, scale, True)
+        return y * 1.5, s, inside
+
+    assert kernels._self_check(off_by_one_step) == "2 bits, scale -3"
+    if op is not None:
+        assert kernels._self_check(op) == ""
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "NICS_FIX_LOGLEVEL": "info", "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=REPO, env=full, timeout=300)
+
+
+FALLBACK_CHECK = """
+    import numpy as np
+    import nics_fix as nf
+    from nics_fix import kernels
+    print("STATUS", kernels.status())
+    print("VALUES", nf.fixed_point_quantize(np.float32([0.3, -1.2, 5.0, -0.0]), 4, 1).numpy().tolist())
+"""
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"NICS_FIX_NATIVE": "0"}, "off (NICS_FIX_NATIVE=0): plain TensorFlow ops"),
+    ({"CXX": "/nonexistent/g++"}, "failed (/nonexistent/g++ not found): plain TensorFlow ops, same values, slower"),
+    ({"CXX": "false"}, "failed (exit 1, log: "),
+])
+def test_without_the_kernel_everything_runs_on_the_plain_ops(tmp_path, env, says):
+    done = run_python(FALLBACK_CHECK, NICS_FIX_KERNEL_CACHE=str(tmp_path), **env)
+    assert done.returncode == 0, done.stderr
+    status = next(line for line in done.stdout.splitlines() if line.startswith("STATUS"))
+    assert says in status
+    assert "VALUES [0.25, -1.25, 1.75, -0.0]" in done.stdout
+    assert not list(tmp_path.glob("*.so")), "a failed build must leave no library behind"
+    if env.get("CXX") == "false":
+        assert "fused quantize kernel: building" in done.stderr  # the warning names the failure once
+
+
+def test_a_fresh_cache_builds_once_and_is_reused(tmp_path):
+    if kernels.quantize_op() is None:
+        pytest.skip(f"fused kernel not available: {kernels.status()}")
+    first = run_python(FALLBACK_CHECK, NICS_FIX_KERNEL_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert "building the fused quantize kernel" in first.stderr
+    assert "STATUS loaded " + str(tmp_path) in first.stdout
+    second = run_python(FALLBACK_CHECK, NICS_FIX_KERNEL_CACHE=str(tmp_path))
+    assert "building" not in second.stderr and "STATUS loaded" in second.stdout
+    assert len(list(tmp_path.glob("quantize_op-*.so"))) == 1
