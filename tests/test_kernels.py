@@ -167,3 +167,18 @@ def test_a_fresh_cache_builds_once_and_is_reused(tmp_path):
     second = run_python(FALLBACK_CHECK, NICS_FIX_KERNEL_CACHE=str(tmp_path))
     assert "building" not in second.stderr and "STATUS loaded" in second.stdout
     assert len(list(tmp_path.glob("quantize_op-*.so"))) == 1
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    if kernels.quantize_op() is None:
+        pytest.skip(f"fused kernel not available: {kernels.status()}")
+    where = run_python("from nics_fix import kernels; print('PATH', kernels.library_path())",
+                       NICS_FIX_KERNEL_CACHE=str(tmp_path))
+    path = next(line[5:] for line in where.stdout.splitlines() if line.startswith("PATH "))
+    with open(path, "wb") as handle:
+        handle.write(b"half a library")  # as a crash mid-copy, or a library built elsewhere, leaves it
+    done = run_python(FALLBACK_CHECK, NICS_FIX_KERNEL_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "does not load; building it again" in done.stderr
+    assert "STATUS loaded " + path in done.stdout
+    assert "VALUES [0.25, -1.25, 1.75, -0.0]" in done.stdout

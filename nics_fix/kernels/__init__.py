@@ -77,7 +77,7 @@ def enabled() -> bool:
 
 def quantize_op():
     """The op's Python function (``nics_fix_fixed_point_quantize``), or None: see :func:`status`."""
-    if _state.get("disabled"):
+    if getattr(_off, "depth", 0):
         return None
     with _lock:
         if "op" not in _state:
@@ -87,18 +87,21 @@ def quantize_op():
         return _state["op"]
 
 
+_off = threading.local()  # per thread: models are traced in the thread that calls them
+
+
 @contextlib.contextmanager
 def disabled():
-    """Models traced inside this block use the plain TensorFlow ops (for side-by-side timing).
+    """Models traced inside this block (in this thread) use the plain TensorFlow ops (for side-by-side timing).
 
     >>> with kernels.disabled():                  # doctest: +SKIP
     ...     model.train_on_batch(x, y)            # traced here: plain ops from now on
     """
-    _state["disabled"] = _state.get("disabled", 0) + 1
+    _off.depth = getattr(_off, "depth", 0) + 1
     try:
         yield
     finally:
-        _state["disabled"] -= 1
+        _off.depth -= 1
 
 
 def status() -> str:
@@ -108,27 +111,51 @@ def status() -> str:
 
 
 def _load():
+    """``(op or None, status line)``; never raises: any failure means the plain ops."""
     if not enabled():
         return None, f"off ({SWITCH_ENV}=0): plain TensorFlow ops"
+    path = None
     try:
         path = library_path()
+        built = False
         if not path.exists():
             compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
             if compiler is None:
                 return None, "no C++ compiler (g++) to build it: plain TensorFlow ops, same values, slower"
             _build(compiler, path)
-        with tf.init_scope():  # eagerly, even when first asked for while a model is traced
-            library = tf.load_op_library(str(path))
-            tf.no_gradient(OP_NAME)  # gradients are the straight-through ones of nics_fix.quant
-            op = library.nics_fix_fixed_point_quantize
-            mismatch = _self_check(op)
+            built = True
+        try:
+            op, mismatch = _load_checked(path)
+        except Exception:  # noqa: BLE001 - a damaged or foreign cached library: build it again, once
+            if built:
+                raise
+            logger.warning("fused quantize kernel: %s does not load; building it again", path)
+            path.unlink(missing_ok=True)
+            _build(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "g++", path)
+            op, mismatch = _load_checked(path)
     except _BuildError as err:
         return None, f"{err}: plain TensorFlow ops, same values, slower"
-    except (OSError, tf.errors.OpError, ValueError, KeyError, AttributeError) as err:
-        return None, f"could not load {path}: {str(err).splitlines()[0]}: plain TensorFlow ops"
+    except Exception as err:  # noqa: BLE001 - whatever fails, quantizing must go on, on the plain ops
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        where = f" {path}" if path is not None else ""
+        return None, f"could not load{where}: {type(err).__name__}: {first_line}: plain TensorFlow ops"
     if mismatch:
         return None, f"{path} does not match the plain ops ({mismatch}): not used"
     return op, f"loaded {path}"
+
+
+def _load_checked(path: Path):
+    """``(op, mismatch)``: the loaded op and what its self-check found ('' when it matches)."""
+    with tf.init_scope():  # eagerly, even when first asked for while a model is traced
+        library = tf.load_op_library(str(path))
+        if OP_NAME not in _no_gradient_registered:
+            tf.no_gradient(OP_NAME)  # gradients are the straight-through ones of nics_fix.quant
+            _no_gradient_registered.add(OP_NAME)
+        op = library.nics_fix_fixed_point_quantize
+        return op, _self_check(op)
+
+
+_no_gradient_registered: set = set()
 
 
 class _BuildError(RuntimeError):
@@ -140,11 +167,13 @@ def _build(compiler: str, path: Path) -> None:
     from nics_fix.saving import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with contextlib.ExitStack() as stack:
         try:
             import fcntl
+
+            lock = stack.enter_context(open(path.with_suffix(".lock"), "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - not POSIX: at worst two processes build
+        except (ImportError, OSError):  # not POSIX, no locks on this filesystem: at worst two processes build
             pass
         if path.exists():
             return
@@ -162,6 +191,8 @@ def _build(compiler: str, path: Path) -> None:
             if done.returncode != 0:
                 log_path.write_text(" ".join(command) + "\n" + done.stdout + done.stderr)
                 raise _BuildError(f"building {path.name} failed (exit {done.returncode}, log: {log_path})")
+            with open(tmp, "rb") as handle:  # on disk before the rename makes it visible to others
+                os.fsync(handle.fileno())
 
         atomic_write(path, compile_to)
 
@@ -178,10 +209,12 @@ def _self_check(op) -> str:
             got = op(x, scale, bit_width=bit_width, auto_scale=False)[0]
             if not _same_bits(got.numpy(), want.numpy()):
                 return f"{bit_width} bits, scale {scale}"
-        fmt, _ = quant._auto_format(x[:13], bit_width)
-        got, scale, _ = op(x[:13], 0, bit_width=bit_width, auto_scale=True)
-        if int(scale) != int(fmt.scale):
-            return f"auto scale at {bit_width} bits"
+        for part in (x[:13], x, x[13:16]):  # finite only; with NaN and Inf; no finite value
+            fmt, inside = quant._auto_format(part, bit_width)
+            got, scale, all_inside = op(part, 0, bit_width=bit_width, auto_scale=True)
+            if (int(scale) != int(fmt.scale) or bool(all_inside) != bool(inside)
+                    or not _same_bits(got.numpy(), quant._plain_quantize(part, fmt, "nearest").numpy())):
+                return f"auto scale at {bit_width} bits"
     return ""
 
 

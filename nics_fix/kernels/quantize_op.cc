@@ -115,12 +115,12 @@ NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, f
   Floats c = v < lo ? lo : v;
   c = c > hi ? hi : c;
   const Floats s = c * inv_step;  // exact: a power of two, and |s| <= 2^23
-  const Ints sign = reinterpret_cast<const Ints&>(s) & sign_bit;
+  const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
   const Ints magic_bits = (Ints{} + 0x4B000000) | sign;  // +-2^23
-  const Floats magic = reinterpret_cast<const Floats&>(magic_bits);
+  const Floats magic = (Floats)magic_bits;
   const Floats rounded = (s + magic) - magic;  // ties to even, in the default rounding mode
-  const Ints r = (reinterpret_cast<const Ints&>(rounded) & ~sign_bit) | sign;
-  return reinterpret_cast<const Floats&>(r) * step;
+  const Ints r = ((Ints)rounded & ~sign_bit) | sign;
+  return (Floats)r * step;
 }
 
 // Quantizes x[0, n) into y; returns the number of elements that are NaN or clipped.
@@ -299,6 +299,8 @@ REGISTER_OP("NicsFixFixedPointQuantize")
     .Attr("auto_scale: bool")
     .Attr("portable: bool = false")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle scalar;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &scalar));
       c->set_output(0, c->input(0));
       c->set_output(1, c->Scalar());
       c->set_output(2, c->Scalar());
