@@ -8,7 +8,8 @@ both CPU paths are held to the reference; the fingerprint takes the default path
    ``clip(rint(x / step) * step, -2**s, 2**s - step)`` (``floor`` for floor
    rounding), over random tensors (plus ties, range ends, +-0, subnormals,
    NaN, +-Inf), bit widths 2..16 and scales -10..10; and ``auto_scale`` against
-   ``ceil(log2(max |finite x|))`` computed from the float64 exponent.
+   ``ceil(log2(max |finite x|))`` computed from the float64 exponent; the same
+   with one scale per channel of the last axis, given and auto.
 2. A fingerprint: the exact bits of quantizer outputs (all rounding modes,
    seeded stochastic included, widths 1..32, extreme scales), ``auto_scale``,
    ``quantize_ste`` gradients, and the weights and stored scales of small MLP
@@ -158,8 +159,42 @@ def check_reference(seed: int = 0, modes=MODES + PLAIN_MODES, verbose: bool = Tr
                 failures += 1
                 print(f"  FAIL auto_scale {mode}: got {got} want {want}")
             n += 1
+        failures += _check_channels(run, mode, rng)
+        n += 2 * len(CHANNEL_BITS)
         if verbose:
             print(f"reference check [{mode}]: {n} cases, {failures} failures so far")
+    return failures
+
+
+CHANNEL_BITS = (2, 4, 8, 16, 24)
+
+
+def _check_channels(run, mode: str, rng) -> int:
+    """One scale per channel of the last axis (the per-channel kernel's case): given scales,
+    and auto scales with the quantize, each against the NumPy reference per column."""
+    import tensorflow as tf
+
+    from nics_fix.quant import ScaleGroups, _auto_quantize, fixed_point_quantize
+
+    x = (rng.standard_normal((67, 45)) * 2.0 ** rng.integers(-12, 12, size=45)).astype(np.float32)
+    x.reshape(-1)[rng.choice(x.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, -0.0, 1e-40, 3.0e38]
+    given = rng.integers(-10, 11, size=(1, 45)).astype(np.int32)
+    columns = np.array([[reference_auto_scale(x[:, c]) for c in range(x.shape[1])]], np.int32)
+    groups = ScaleGroups.for_tensor(x.shape, -1)
+    failures = 0
+    for bit_width in CHANNEL_BITS:
+        got = run(("channels", bit_width), lambda t, s, bw=bit_width: fixed_point_quantize(t, bw, s),
+                  tf.constant(x), tf.constant(given)).numpy()
+        if not _same_bits(got, reference_quantize(x, bit_width, given, "nearest")):
+            failures += 1
+            print(f"  FAIL per-channel quantize {mode} w={bit_width}")
+        y, scales, _ = run(("channels_auto", bit_width),
+                           lambda t, bw=bit_width: _auto_quantize(t, bw, "nearest", groups=groups),
+                           tf.constant(x))
+        if not (np.array_equal(scales.numpy(), columns)
+                and _same_bits(y.numpy(), reference_quantize(x, bit_width, columns, "nearest"))):
+            failures += 1
+            print(f"  FAIL per-channel auto scale {mode} w={bit_width}")
     return failures
 
 

@@ -37,7 +37,6 @@ from nics_fix.quant import (
     _auto_quantize,
     _auto_scale_pow2,
     _Format,
-    _grouped_auto_format,
     _quantize,
     _quantize_ste,
     _straight_through,
@@ -172,19 +171,14 @@ class FixedPoint:
             # nearest, so a model's predictions (and their reproduction) are deterministic.
             rounding = "nearest" if not training and data.rounding == "stochastic" else data.rounding
             if mode == "auto" and x.dtype == tf.float32:
-                # The scale's reductions also tell whether any element is
+                # The scales' reductions also tell whether any element is
                 # clipped; if none is, the backward pass skips the STE mask.
-                if self.data_groups is None:
-                    quantized, scale, all_inside = _auto_quantize(
-                        x, data.bit_width, rounding, guess=tf.convert_to_tensor(self.data_scale))
-                    self.data_scale.assign(scale)
-                    bit_width = data.bit_width
-                    x = _straight_through(x, quantized, lambda: _Format(bit_width, scale), all_inside)
-                else:
-                    fmt, all_inside, stored = _grouped_auto_format(x, data.bit_width, self.data_groups)
-                    scale = fmt.scale
-                    self.data_scale.assign(stored)
-                    x = _quantize_ste(x, fmt, rounding, all_inside=all_inside)
+                quantized, stored, all_inside = _auto_quantize(
+                    x, data.bit_width, rounding, guess=tf.convert_to_tensor(self.data_scale), groups=self.data_groups)
+                self.data_scale.assign(stored)
+                scale = self._expanded(stored, self.data_groups)
+                bit_width = data.bit_width
+                x = _straight_through(x, quantized, lambda: _Format(bit_width, scale), all_inside)
             else:
                 stored, fmt = self._format(x, mode, data.bit_width, self.data_scale, self.data_groups,
                                            self.data_dynamic)
@@ -254,10 +248,11 @@ class FixedPoint:
                     stored = None if grad.training == "none" else tf.convert_to_tensor(self.grad_scale)
                     dy = getattr(strategy, f"pre_{kind}_grad")(dy, PointInfo(name, kind, grad, stored, True))
                 scale = None
-                if grad.training == "auto" and self.grad_groups is None:
-                    dy, scale, _ = _auto_quantize(_as_float32(dy), grad.bit_width, grad.rounding,
-                                                 guess=tf.convert_to_tensor(self.grad_scale))
-                    self.grad_scale.assign(scale)
+                if grad.training == "auto":
+                    dy, stored, _ = _auto_quantize(_as_float32(dy), grad.bit_width, grad.rounding,
+                                                  guess=tf.convert_to_tensor(self.grad_scale), groups=self.grad_groups)
+                    self.grad_scale.assign(stored)
+                    scale = self._expanded(stored, self.grad_groups)
                 elif grad.training != "none":
                     dy = _as_float32(dy)
                     stored, fmt = self._format(dy, grad.training, grad.bit_width, self.grad_scale,

@@ -426,9 +426,9 @@ def _quantize_checked(x, fmt: _Format, rounding: str, seed=None):
     scalar: no element NaN or clipped) where the fused kernel tells it for free, else None."""
     if x.dtype == tf.float64:
         return _quantize_float64(x, fmt, rounding, seed), None
-    # Per-channel and per-block formats take the plain ops: TensorFlow's
-    # per-channel fused kernel (QuantizeAndDequantizeV3 with an axis) measured
-    # slower than them in a training step.
+    # Per-block formats take the plain ops, and per-channel ones do too where
+    # nics_fix's kernel cannot run: TensorFlow's per-channel fused kernel
+    # (QuantizeAndDequantizeV3 with an axis) measured slower than them in a training step.
     if _one_range(fmt) and _fused(fmt.bit_width, rounding):
         op = _native_op()
         if op is not None:
@@ -446,6 +446,12 @@ def _quantize_checked(x, fmt: _Format, rounding: str, seed=None):
         # Like tf.round, the fused kernel must not pass gradients (its registered
         # gradient is the identity): use quantize_ste for the straight-through one.
         return tf.stop_gradient(y), None
+    if _fused(fmt.bit_width, rounding) and _last_axis_scales(fmt, x):
+        op = _native_op()
+        if op is not None:
+            y, _, all_inside = op(x, tf.reshape(fmt.scale, [-1]), bit_width=fmt.bit_width, auto_scale=False,
+                                  per_channel=True)
+            return y, all_inside
     return _plain_quantize(x, fmt, rounding, seed), None
 
 
@@ -456,21 +462,38 @@ def _plain_quantize(x, fmt: _Format, rounding: str, seed=None):
     return tf.clip_by_value(q * step, fmt.low, fmt.high)
 
 
-def _auto_quantize(x, bit_width: int, rounding: str, seed=None, guess=0):
-    """Float32 ``x`` quantized with its auto scale (one per tensor): ``(y, scale, all_inside)``.
+def _auto_quantize(x, bit_width: int, rounding: str, seed=None, guess=None, groups: "ScaleGroups | None" = None):
+    """Float32 ``x`` quantized with its auto scales: ``(y, scales, all_inside)``.
 
-    ``y`` carries no gradient (wrap it with :func:`_straight_through`);
-    ``all_inside`` is None under XLA. Where nics_fix's fused kernel runs, the
-    scale, the quantize and the clip test are one op, and ``guess`` (an int32
-    scalar, e.g. the scale stored by the last call) saves it a pass over
-    memory when it is right; the result never depends on it.
+    One scale per tensor, or per group of ``groups`` (``scales`` then in the
+    groups' scale shape). ``y`` carries no gradient (wrap it with
+    :func:`_straight_through`); ``all_inside`` is None under XLA. Where
+    nics_fix's fused kernel runs (per tensor, or per channel of the last
+    axis), the scales, the quantize and the clip test are one op, and
+    ``guess`` (int32 scales in the same shape, e.g. those stored by the last
+    call) saves it a pass over memory when it is right; the result never
+    depends on it.
     """
-    if _fused(bit_width, rounding):
-        op = _native_op()
+    op = _native_op() if _fused(bit_width, rounding) else None
+    if groups is None:
         if op is not None:
-            return op(x, guess, bit_width=bit_width, auto_scale=True)
-    fmt, all_inside = _auto_format(x, bit_width)
-    return _quantize(x, fmt, rounding, seed), fmt.scale, all_inside
+            return op(x, 0 if guess is None else guess, bit_width=bit_width, auto_scale=True)
+        fmt, all_inside = _auto_format(x, bit_width)
+        return _quantize(x, fmt, rounding, seed), fmt.scale, all_inside
+    if op is not None and groups.block_size is None and groups.axis == x.shape.rank - 1:
+        guess = tf.zeros([groups.n], tf.int32) if guess is None else tf.reshape(guess, [-1])
+        y, scales, all_inside = op(x, guess, bit_width=bit_width, auto_scale=True, per_channel=True)
+        return y, tf.reshape(scales, groups.scale_shape(x.shape)), all_inside
+    fmt, all_inside, scales = _grouped_auto_format(x, bit_width, groups)
+    return _quantize(x, fmt, rounding, seed), scales, all_inside
+
+
+def _last_axis_scales(fmt: _Format, x) -> bool:
+    """True when ``fmt``'s scales are one per index of ``x``'s last axis (shape ``(1, ..., 1, C)``)."""
+    shape = getattr(fmt.scale, "shape", None)
+    if shape is None or shape.rank != x.shape.rank or not shape.rank or x.shape[-1] is None:
+        return False
+    return shape[-1] == x.shape[-1] and all(d == 1 for d in shape[:-1])
 
 
 def _round_steps(v, rounding: str, seed=None):

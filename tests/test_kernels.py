@@ -63,6 +63,40 @@ def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable):
 
 
 @needs_kernel
+@pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-4-lane"])
+def test_per_channel_scales_match_the_plain_ops_bit_for_bit(portable):
+    """One scale per channel of the last axis: channel counts around the lane width, row
+    blocks around the 4096-element chunk, channels of very different magnitudes, NaN/Inf/-0."""
+    rng = np.random.default_rng(11)
+    for shape in [(7, 5), (3, 16), (1, 9), (0, 4), (3, 3, 3, 32), (5, 17), (4096, 3), (2, 8200), (300, 70)]:
+        x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-5, 5, size=shape[-1])).astype(np.float32)
+        if x.size > 4:
+            x.reshape(-1)[rng.choice(x.size, 3, replace=False)] = [np.nan, np.inf, -0.0]
+        t = tf.constant(x)
+        groups = quant.ScaleGroups.for_tensor(shape, -1)
+        for bit_width in (2, 5, 8, 24):
+            fmt, inside, scales = quant._grouped_auto_format(t, bit_width, groups)
+            want = quant._plain_quantize(t, fmt, "nearest")
+            right = np.reshape(scales.numpy(), -1)
+            for guess in (np.zeros(shape[-1], np.int32), right, right + (np.arange(shape[-1]) % 2)):
+                y, used, all_inside = op(t, guess, bit_width=bit_width, auto_scale=True, per_channel=True,
+                                         portable=portable)
+                assert np.array_equal(used.numpy(), right), (shape, bit_width)
+                assert bool(all_inside) == bool(inside), (shape, bit_width)
+                assert same_bits(y, want), (shape, bit_width)
+            given = rng.integers(-8, 8, shape[-1]).astype(np.int32)
+            given[0] = 300  # clamped like every scale
+            fixed = quant._Format(bit_width, tf.constant(given.reshape((1,) * (len(shape) - 1) + (-1,))))
+            y, _, all_inside = op(t, given, bit_width=bit_width, auto_scale=False, per_channel=True,
+                                  portable=portable)
+            assert same_bits(y, quant._plain_quantize(t, fixed, "nearest")), (shape, bit_width)
+            low, high = fixed.low.numpy(), fixed.high.numpy()
+            assert bool(all_inside) == bool(np.all((x >= low) & (x <= high)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one scale per channel"):
+        op(tf.zeros((3, 4)), [1, 2, 3], bit_width=8, auto_scale=False, per_channel=True)
+
+
+@needs_kernel
 def test_the_kernel_keeps_the_shape_and_refuses_bad_arguments():
     x = tf.random.normal((4, 3, 2))
     assert op(x, 1, bit_width=8, auto_scale=False)[0].shape == (4, 3, 2)
@@ -85,10 +119,12 @@ def test_quantize_ste_through_the_kernel_masks_clipped_gradients():
 
 
 @needs_kernel
-def test_a_quantized_layer_gives_the_same_bits_and_gradients_with_and_without_the_kernel(monkeypatch):
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_a_quantized_layer_gives_the_same_bits_and_gradients_with_and_without_the_kernel(monkeypatch, granularity):
     """Forward, stored scales and all gradients of a training step, kernel on against kernel off."""
-    cfg = {"data_config": {"bit_width": 6, "training": "auto", "not_training": "fixed"},
-           "gradient_config": {"bit_width": 6, "training": "auto"}}
+    cfg = {"data_config": {"bit_width": 6, "training": "auto", "not_training": "fixed",
+                           "granularity": granularity},
+           "gradient_config": {"bit_width": 6, "training": "auto", "granularity": granularity}}
     x = np.random.default_rng(1).standard_normal((16, 12)).astype(np.float32) * 4
 
     def step():

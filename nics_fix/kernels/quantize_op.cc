@@ -103,15 +103,15 @@ NF_INLINE Extremes ChunkExtremesN(const float* x, int64_t n) {
   return out;
 }
 
-// round_half_even(clip(v, low, high) * inv_step) * step, lane by lane; NaN stays
+// round_half_even(clip(v, lo, hi) * inv_step) * step, lane by lane; NaN stays
 // NaN (its compares are false) and -0 stays -0 (the sign is put back).
 template <int N>
-NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, float low, float high,
-                                               float step, float inv_step) {
+NF_INLINE typename Lanes<N>::Floats QuantizeLanesV(typename Lanes<N>::Floats v, typename Lanes<N>::Floats lo,
+                                                typename Lanes<N>::Floats hi, typename Lanes<N>::Floats step,
+                                                typename Lanes<N>::Floats inv_step) {
   typedef typename Lanes<N>::Floats Floats;
   typedef typename Lanes<N>::Ints Ints;
   const Ints sign_bit = Ints{} + static_cast<int32_t>(0x80000000u);
-  const Floats lo = Splat<Floats>(low), hi = Splat<Floats>(high);
   Floats c = v < lo ? lo : v;
   c = c > hi ? hi : c;
   const Floats s = c * inv_step;  // exact: a power of two, and |s| <= 2^23
@@ -121,6 +121,35 @@ NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, f
   const Floats rounded = (s + magic) - magic;  // ties to even, in the default rounding mode
   const Ints r = ((Ints)rounded & ~sign_bit) | sign;
   return (Floats)r * step;
+}
+
+template <int N>
+NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, float low, float high,
+                                               float step, float inv_step) {
+  typedef typename Lanes<N>::Floats Floats;
+  return QuantizeLanesV<N>(v, Splat<Floats>(low), Splat<Floats>(high), Splat<Floats>(step),
+                           Splat<Floats>(inv_step));
+}
+
+// The same for one element (the channels left over after the full lanes of a row).
+inline float QuantizeOne(float v, float low, float high, float step, float inv_step, int64_t* outside) {
+  *outside += !(v >= low && v <= high);
+  float c = v < low ? low : v;
+  c = c > high ? high : c;
+  const float s = c * inv_step;
+  uint32_t sign;
+  std::memcpy(&sign, &s, sizeof(sign));
+  sign &= 0x80000000u;
+  const uint32_t magic_bits = 0x4B000000u | sign;
+  float magic;
+  std::memcpy(&magic, &magic_bits, sizeof(magic));
+  const float rounded = (s + magic) - magic;
+  uint32_t r;
+  std::memcpy(&r, &rounded, sizeof(r));
+  r = (r & 0x7FFFFFFFu) | sign;
+  float out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out * step;
 }
 
 // Quantizes x[0, n) into y; returns the number of elements that are NaN or clipped.
@@ -153,6 +182,59 @@ NF_INLINE int64_t ChunkQuantizeN(const float* x, float* y, int64_t n, float low,
   return total;
 }
 
+// One scale per channel of the last axis: ``rows`` rows of ``C`` channels.
+// The formats of the channels, as arrays the lanes load side by side.
+struct ChannelGrids {
+  std::vector<float> low, high, step, inv_step;
+};
+
+// Max and min of each channel over the rows, into mx/mn (non-NaN elements only).
+template <int N>
+NF_INLINE void RowsExtremesN(const float* x, int64_t rows, int64_t C, float* mx, float* mn) {
+  typedef typename Lanes<N>::Floats Floats;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * C;
+    int64_t c = 0;
+    for (; c + N <= C; c += N) {
+      const Floats v = Load<Floats>(row + c);
+      Floats a = Load<Floats>(mx + c), b = Load<Floats>(mn + c);
+      a = v > a ? v : a;
+      b = v < b ? v : b;
+      std::memcpy(mx + c, &a, sizeof(a));
+      std::memcpy(mn + c, &b, sizeof(b));
+    }
+    for (; c < C; ++c) {
+      mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+      mn[c] = row[c] < mn[c] ? row[c] : mn[c];
+    }
+  }
+}
+
+// Quantizes the rows channel by channel; returns the number of elements NaN or clipped.
+template <int N>
+NF_INLINE int64_t RowsQuantizeN(const float* x, float* y, int64_t rows, int64_t C, const ChannelGrids& g) {
+  typedef typename Lanes<N>::Floats Floats;
+  typedef typename Lanes<N>::Ints Ints;
+  Ints outside = Ints{};
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * C;
+    float* out = y + r * C;
+    int64_t c = 0;
+    for (; c + N <= C; c += N) {
+      const Floats v = Load<Floats>(row + c);
+      const Floats lo = Load<Floats>(g.low.data() + c), hi = Load<Floats>(g.high.data() + c);
+      outside -= ~((v >= lo) & (v <= hi));
+      const Floats q = QuantizeLanesV<N>(v, lo, hi, Load<Floats>(g.step.data() + c),
+                                         Load<Floats>(g.inv_step.data() + c));
+      std::memcpy(out + c, &q, sizeof(q));
+    }
+    for (; c < C; ++c) out[c] = QuantizeOne(row[c], g.low[c], g.high[c], g.step[c], g.inv_step[c], &total);
+  }
+  for (int k = 0; k < N; ++k) total += outside[k];
+  return total;
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx2"))) Extremes ChunkExtremesAvx2(const float* x, int64_t n) {
   return ChunkExtremesN<8>(x, n);
@@ -161,11 +243,33 @@ __attribute__((target("avx2"))) int64_t ChunkQuantizeAvx2(const float* x, float*
                                                           float high, float step, float inv_step) {
   return ChunkQuantizeN<8>(x, y, n, low, high, step, inv_step);
 }
+__attribute__((target("avx2"))) void RowsExtremesAvx2(const float* x, int64_t rows, int64_t C, float* mx,
+                                                     float* mn) {
+  RowsExtremesN<8>(x, rows, C, mx, mn);
+}
+__attribute__((target("avx2"))) int64_t RowsQuantizeAvx2(const float* x, float* y, int64_t rows, int64_t C,
+                                                         const ChannelGrids& g) {
+  return RowsQuantizeN<8>(x, y, rows, C, g);
+}
 bool HasAvx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
 #endif
+
+void RowsExtremes(const float* x, int64_t rows, int64_t C, float* mx, float* mn, bool portable) {
+#ifdef __x86_64__
+  if (!portable && HasAvx2()) return RowsExtremesAvx2(x, rows, C, mx, mn);
+#endif
+  RowsExtremesN<4>(x, rows, C, mx, mn);
+}
+
+int64_t RowsQuantize(const float* x, float* y, int64_t rows, int64_t C, const ChannelGrids& g, bool portable) {
+#ifdef __x86_64__
+  if (!portable && HasAvx2()) return RowsQuantizeAvx2(x, y, rows, C, g);
+#endif
+  return RowsQuantizeN<4>(x, y, rows, C, g);
+}
 
 Extremes ChunkExtremes(const float* x, int64_t n, bool portable) {
 #ifdef __x86_64__
@@ -185,6 +289,20 @@ struct Grid {
   }
   float low, high, step, inv_step;
 };
+
+ChannelGrids MakeChannelGrids(const std::vector<int>& scales, int bit_width) {
+  ChannelGrids g;
+  for (int scale : scales) {
+    const Grid one(scale, bit_width);
+    g.low.push_back(one.low);
+    g.high.push_back(one.high);
+    g.step.push_back(one.step);
+    g.inv_step.push_back(one.inv_step);
+  }
+  return g;
+}
+
+int Clamped(int scale) { return std::min(std::max(scale, kMinScale), kMaxScale); }
 
 int64_t ChunkQuantize(const float* x, float* y, int64_t n, const Grid& g, bool portable) {
 #ifdef __x86_64__
@@ -208,32 +326,58 @@ class FixedPointQuantizeOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_width", &bit_width_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("auto_scale", &auto_scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("portable", &portable_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("per_channel", &per_channel_));
     OP_REQUIRES(ctx, bit_width_ >= 2 && bit_width_ <= 24,
                 tensorflow::errors::InvalidArgument("bit_width must be 2..24, got ", bit_width_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& input = ctx->input(0);
-    OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(1).shape()),
-                tensorflow::errors::InvalidArgument("scale must be a scalar"));
-    const float* x = input.flat<float>().data();
-    const int64_t n = input.NumElements();
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    // Cost per chunk in the pool's units (about one cycle per element and pass).
-    auto for_chunks = [&](const std::function<void(int64_t)>& work) {
-      workers->ParallelFor(chunks, kChunk, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) work(c);
-      });
-    };
-    auto chunk_size = [&](int64_t c) { return std::min(kChunk, n - c * kChunk); };
-
     Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input.shape(), &output));
+    int64_t outside = 0;
+    if (per_channel_) {
+      OP_REQUIRES(ctx, input.dims() >= 1 && input.dim_size(input.dims() - 1) > 0,
+                  tensorflow::errors::InvalidArgument("per-channel scales need a last axis of size > 0"));
+      const int64_t channels = input.dim_size(input.dims() - 1);
+      OP_REQUIRES(ctx, ctx->input(1).NumElements() == channels,
+                  tensorflow::errors::InvalidArgument("scale must hold one scale per channel (", channels,
+                                                      "), got ", ctx->input(1).NumElements()));
+      Tensor* scale_out = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {channels}, &scale_out));
+      outside = PerChannel(ctx, input, output, channels, scale_out->flat<int32_t>().data());
+    } else {
+      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(1).shape()),
+                  tensorflow::errors::InvalidArgument("scale must be a scalar"));
+      Tensor* scale_out = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {}, &scale_out));
+      outside = PerTensor(ctx, input, output, scale_out->scalar<int32_t>().data());
+    }
+    Tensor* inside_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {}, &inside_out));
+    inside_out->scalar<bool>()() = outside == 0;
+  }
+
+ private:
+  // ParallelFor over ``shards`` pieces of ``cost`` (about one cycle per element and pass) each.
+  static void ForShards(OpKernelContext* ctx, int64_t shards, int64_t cost,
+                        const std::function<void(int64_t)>& work) {
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+        shards, cost, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) work(i);
+        });
+  }
+
+  // One scale for the tensor; returns the number of elements NaN or clipped.
+  int64_t PerTensor(OpKernelContext* ctx, const Tensor& input, Tensor* output, int32_t* scale_out) {
+    const float* x = input.flat<float>().data();
     float* y = output->flat<float>().data();
+    const int64_t n = input.NumElements();
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    auto chunk_size = [&](int64_t c) { return std::min(kChunk, n - c * kChunk); };
     std::vector<int64_t> outside(chunks, 0);
     auto quantize_all = [&](const Grid& grid) {
-      for_chunks([&](int64_t c) {
+      ForShards(ctx, chunks, kChunk, [&](int64_t c) {
         outside[c] = ChunkQuantize(x + c * kChunk, y + c * kChunk, chunk_size(c), grid, portable_);
       });
     };
@@ -243,12 +387,12 @@ class FixedPointQuantizeOp : public OpKernel {
     // while the chunk is in cache, so a right guess costs one pass over
     // memory. A wrong one is only a second quantize pass: the output is
     // always that of the scale computed from the data.
-    const int guess = std::min(std::max(ctx->input(1).scalar<int32_t>()(), kMinScale), kMaxScale);
+    const int guess = Clamped(ctx->input(1).scalar<int32_t>()());
     int scale = guess;
     if (auto_scale_) {
       const Grid guessed(guess, bit_width_);
       std::vector<Extremes> parts(chunks);
-      for_chunks([&](int64_t c) {
+      ForShards(ctx, chunks, kChunk, [&](int64_t c) {
         const int64_t begin = c * kChunk, size = chunk_size(c);
         parts[c] = ChunkExtremes(x + begin, size, portable_);
         outside[c] = ChunkQuantize(x + begin, y + begin, size, guessed, portable_);
@@ -261,7 +405,9 @@ class FixedPointQuantizeOp : public OpKernel {
       float m = std::max(all.max, -all.min);
       if (!std::isfinite(m)) {  // an Inf (or nothing but NaN): the max over finite values only
         std::vector<float> finite(chunks, 0.0f);
-        for_chunks([&](int64_t c) { finite[c] = ChunkFiniteAbsMax(x + c * kChunk, chunk_size(c)); });
+        ForShards(ctx, chunks, kChunk, [&](int64_t c) {
+          finite[c] = ChunkFiniteAbsMax(x + c * kChunk, chunk_size(c));
+        });
         m = 0.0f;
         for (float f : finite) m = std::max(m, f);
       }
@@ -270,21 +416,89 @@ class FixedPointQuantizeOp : public OpKernel {
     } else {
       quantize_all(Grid(scale, bit_width_));
     }
-    int64_t total_outside = 0;
-    for (int64_t o : outside) total_outside += o;
-
-    Tensor* scale_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {}, &scale_out));
-    scale_out->scalar<int32_t>()() = scale;
-    Tensor* inside_out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {}, &inside_out));
-    inside_out->scalar<bool>()() = total_outside == 0;
+    *scale_out = scale;
+    int64_t total = 0;
+    for (int64_t o : outside) total += o;
+    return total;
   }
 
- private:
+  // One scale per channel of the last axis, the same way: blocks of whole rows,
+  // each block's extremes and its quantize with the guessed scales while it is in cache.
+  int64_t PerChannel(OpKernelContext* ctx, const Tensor& input, Tensor* output, int64_t C,
+                     int32_t* scale_out) {
+    const float* x = input.flat<float>().data();
+    float* y = output->flat<float>().data();
+    const int64_t rows = input.NumElements() / C;
+    const int64_t block_rows = std::max<int64_t>(1, kChunk / C);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    // A few shards per thread, each with its own per-channel extremes.
+    const int64_t shards = std::min<int64_t>(
+        blocks, 4 * std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads));
+    auto shard_blocks = [&](int64_t s) { return std::make_pair(s * blocks / shards, (s + 1) * blocks / shards); };
+    auto block_span = [&](int64_t b) {
+      const int64_t begin = b * block_rows;
+      return std::make_pair(begin, std::min(block_rows, rows - begin));
+    };
+    const int64_t shard_cost = C * block_rows * std::max<int64_t>(1, blocks / std::max<int64_t>(1, shards));
+    std::vector<int64_t> outside(shards, 0);
+    auto quantize_all = [&](const ChannelGrids& grids) {
+      ForShards(ctx, shards, shard_cost, [&](int64_t s) {
+        outside[s] = 0;
+        for (int64_t b = shard_blocks(s).first; b < shard_blocks(s).second; ++b) {
+          const auto span = block_span(b);
+          outside[s] += RowsQuantize(x + span.first * C, y + span.first * C, span.second, C, grids, portable_);
+        }
+      });
+    };
+
+    std::vector<int> guess(C), scales(C);
+    const auto given = ctx->input(1).flat<int32_t>();
+    for (int64_t c = 0; c < C; ++c) guess[c] = Clamped(given(c));
+    scales = guess;
+    if (auto_scale_) {
+      const ChannelGrids guessed = MakeChannelGrids(guess, bit_width_);
+      std::vector<float> mx(shards * C, -std::numeric_limits<float>::infinity());
+      std::vector<float> mn(shards * C, std::numeric_limits<float>::infinity());
+      ForShards(ctx, shards, shard_cost, [&](int64_t s) {
+        for (int64_t b = shard_blocks(s).first; b < shard_blocks(s).second; ++b) {
+          const auto span = block_span(b);
+          const float* rows_x = x + span.first * C;
+          RowsExtremes(rows_x, span.second, C, mx.data() + s * C, mn.data() + s * C, portable_);
+          outside[s] += RowsQuantize(rows_x, y + span.first * C, span.second, C, guessed, portable_);
+        }
+      });
+      bool same = true;
+      for (int64_t c = 0; c < C; ++c) {
+        float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < shards; ++s) {
+          hi = std::max(hi, mx[s * C + c]);
+          lo = std::min(lo, mn[s * C + c]);
+        }
+        float m = std::max(hi, -lo);
+        if (!std::isfinite(m)) {  // an Inf in this channel (or nothing but NaN): its finite values only
+          m = 0.0f;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float a = std::fabs(x[r * C + c]);
+            m = (a <= std::numeric_limits<float>::max() && a > m) ? a : m;
+          }
+        }
+        scales[c] = CeilLog2Clamped(m);
+        same = same && scales[c] == guess[c];
+      }
+      if (!same) quantize_all(MakeChannelGrids(scales, bit_width_));
+    } else {
+      quantize_all(MakeChannelGrids(scales, bit_width_));
+    }
+    for (int64_t c = 0; c < C; ++c) scale_out[c] = scales[c];
+    int64_t total = 0;
+    for (int64_t o : outside) total += o;
+    return total;
+  }
+
   int bit_width_;
   bool auto_scale_;
   bool portable_;  // the 4-lane code even where AVX2 is present (the tests compare both)
+  bool per_channel_;  // one scale per channel of the last axis instead of one for the tensor
 };
 
 }  // namespace
@@ -298,11 +512,20 @@ REGISTER_OP("NicsFixFixedPointQuantize")
     .Attr("bit_width: int")
     .Attr("auto_scale: bool")
     .Attr("portable: bool = false")
+    .Attr("per_channel: bool = false")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      tensorflow::shape_inference::ShapeHandle scalar;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &scalar));
+      bool per_channel = false;
+      TF_RETURN_IF_ERROR(c->GetAttr("per_channel", &per_channel));
       c->set_output(0, c->input(0));
-      c->set_output(1, c->Scalar());
+      if (per_channel) {
+        tensorflow::shape_inference::ShapeHandle x;
+        TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
+        c->set_output(1, c->Vector(c->Dim(x, -1)));
+      } else {
+        tensorflow::shape_inference::ShapeHandle scalar;
+        TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 0, &scalar));
+        c->set_output(1, c->Scalar());
+      }
       c->set_output(2, c->Scalar());
       return tensorflow::OkStatus();
     });
