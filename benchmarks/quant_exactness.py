@@ -9,7 +9,8 @@ both CPU paths are held to the reference; the fingerprint takes the default path
    rounding), over random tensors (plus ties, range ends, +-0, subnormals,
    NaN, +-Inf), bit widths 2..16 and scales -10..10; and ``auto_scale`` against
    ``ceil(log2(max |finite x|))`` computed from the float64 exponent; the same
-   with one scale per channel of the last axis, given and auto.
+   with one scale per channel of the last axis, given and auto; and
+   BatchNormalization's exact scale-and-shift evaluation.
 2. A fingerprint: the exact bits of quantizer outputs (all rounding modes,
    seeded stochastic included, widths 1..32, extreme scales), ``auto_scale``,
    ``quantize_ste`` gradients, and the weights and stored scales of small MLP
@@ -160,13 +161,44 @@ def check_reference(seed: int = 0, modes=MODES + PLAIN_MODES, verbose: bool = Tr
                 print(f"  FAIL auto_scale {mode}: got {got} want {want}")
             n += 1
         failures += _check_channels(run, mode, rng)
-        n += 2 * len(CHANNEL_BITS)
+        failures += _check_batch_norm(run, mode, rng)
+        n += 3 * len(CHANNEL_BITS)
         if verbose:
             print(f"reference check [{mode}]: {n} cases, {failures} failures so far")
     return failures
 
 
 CHANNEL_BITS = (2, 4, 8, 16, 24)
+
+
+def _check_batch_norm(run, mode: str, rng) -> int:
+    """BatchNormalization's evaluation (the fused scale-and-shift kernel's case) against
+    NumPy: t = float64(x) * a + c, its auto scale from float32(t), quantized in float64."""
+    import tensorflow as tf
+
+    import nics_fix as nf
+
+    x = (rng.standard_normal((9, 5, 5, 13)) * 3).astype(np.float32)
+    x.reshape(-1)[rng.choice(x.size, 4, replace=False)] = [np.nan, np.inf, -0.0, 1e30]
+    failures = 0
+    for bit_width in CHANNEL_BITS:
+        config = {"weight": {"data_config": {"bit_width": 8, "training": "auto", "not_training": "auto"}},
+                  "activation": {"data_config": {"bit_width": bit_width, "training": "auto",
+                                                 "not_training": "auto"}}}
+        bn = nf.BatchNormalization(fixed_config=config)
+        bn.build(x.shape)
+        for variable, value in ((bn.gamma, rng.uniform(-2, 2, 13)), (bn.beta, rng.standard_normal(13)),
+                                (bn.moving_mean, rng.standard_normal(13)),
+                                (bn.moving_variance, rng.uniform(0.05, 20, 13))):
+            variable.assign(value.astype(np.float32))
+        (a, _, _), (c, _, _) = bn.scale_and_shift()
+        t = x.astype(np.float64) * a.numpy().astype(np.float64) + c.numpy().astype(np.float64)
+        want = reference_quantize(t, bit_width, reference_auto_scale(t.astype(np.float32)), "nearest")
+        got = run(("bn", bit_width), lambda v, layer=bn: layer(v, training=False), tf.constant(x)).numpy()
+        if not _same_bits(got, want):
+            failures += 1
+            print(f"  FAIL batch-normalization evaluation {mode} w={bit_width}")
+    return failures
 
 
 def _check_channels(run, mode: str, rng) -> int:

@@ -39,11 +39,12 @@ from nics_fix.quant import (
     _Format,
     _quantize,
     _quantize_ste,
+    _scale_shift_quantize,
     _straight_through,
     group_auto_scale,
 )
 from nics_fix.strategy import PointInfo, Strategy
-from nics_fix.weight_cache import EvaluationCache
+from nics_fix.weight_cache import EvaluationCache, _tape_may_record
 
 
 def _initial_scale(*modes) -> int:
@@ -224,6 +225,34 @@ class FixedPoint:
         scale = tf.fill(tf.shape(variable), tf.constant(mode, tf.int32))
         variable.assign(scale)
         return scale, _Format(bit_width, mode)
+
+    def scale_shift_in_evaluation(self, x, a, c):
+        """This point's evaluation output for ``x * a + c`` (``a``, ``c`` per channel of
+        ``x``'s last axis, exact in float64), as one fused op: what
+        ``self(float64(x) * a + c, training=False)`` cast to float32 gives, bit for bit.
+
+        None where the fused kernel cannot run it (a strategy, per-channel or block
+        scales, ``none``/``dynamic`` modes, floor rounding, float16 input, a tape
+        recording, no kernel): the caller computes it the plain way.
+        """
+        data = self.config.data
+        mode = data.not_training
+        if (self.strategy is not None or self.data_groups is not None or mode in ("none", "dynamic")
+                or data.rounding == "floor" or _tape_may_record()):
+            return None
+        if mode in ("auto", "fixed"):
+            stored = tf.convert_to_tensor(self.data_scale)  # auto: the guess; fixed: the scale
+        else:
+            stored = tf.constant(mode, tf.int32)
+        out = _scale_shift_quantize(x, a, c, data.bit_width, stored, mode == "auto")
+        if out is None:
+            return None
+        y, scale, _ = out
+        if mode == "auto":
+            self.data_scale.assign(scale)
+        elif mode != "fixed":
+            self.data_scale.assign(tf.fill(tf.shape(self.data_scale), tf.constant(mode, tf.int32)))
+        return y
 
     def evaluation_scale(self, value):
         """The (unexpanded) scales evaluation quantizes weight ``value`` with, without storing any."""

@@ -488,6 +488,26 @@ def _auto_quantize(x, bit_width: int, rounding: str, seed=None, guess=None, grou
     return _quantize(x, fmt, rounding, seed), scales, all_inside
 
 
+def _scale_shift_quantize(x, a, c, bit_width: int, scale, auto: bool):
+    """Float32 ``x * a + c`` (``a``, ``c``: one float32 value per channel of ``x``'s
+    last axis; the products and sums in float64, as BatchNormalization's exact
+    evaluation computes them) quantized to nearest in one fused op:
+    ``(y float32, scale, all_inside)``; ``scale`` is the guess in ``auto`` mode.
+    None where nics_fix's fused kernel is not available (the caller then takes the plain ops).
+
+    The values are those of ``_quantize(t, _Format(bit_width, auto_scale(t) or
+    scale))`` on ``t = float64(x) * a + c``, cast to float32 (exact on the grid).
+    """
+    if not _fused(bit_width, "nearest") or x.dtype != tf.float32 or not x.shape.rank:
+        return None
+    from nics_fix.kernels import scale_shift_op
+
+    op = scale_shift_op()
+    if op is None:
+        return None
+    return op(x, tf.reshape(a, [-1]), tf.reshape(c, [-1]), scale, bit_width=bit_width, auto_scale=auto)
+
+
 def _last_axis_scales(fmt: _Format, x) -> bool:
     """True when ``fmt``'s scales are one per index of ``x``'s last axis (shape ``(1, ..., 1, C)``)."""
     shape = getattr(fmt.scale, "shape", None)

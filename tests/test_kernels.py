@@ -3,6 +3,7 @@ and its clean fallback when it cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -94,6 +95,67 @@ def test_per_channel_scales_match_the_plain_ops_bit_for_bit(portable):
             assert bool(all_inside) == bool(np.all((x >= low) & (x <= high)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="one scale per channel"):
         op(tf.zeros((3, 4)), [1, 2, 3], bit_width=8, auto_scale=False, per_channel=True)
+
+
+def plain_scale_shift(x, a, c, bit_width, scale):
+    """BatchNormalization's plain evaluation: t = float64(x) * a + c quantized in float64, then float32."""
+    t = tf.cast(x, tf.float64) * tf.cast(a, tf.float64) + tf.cast(c, tf.float64)
+    if scale is None:
+        scale = quant.auto_scale(t)
+    return tf.cast(quant._quantize(t, quant._Format(bit_width, scale), "nearest"), tf.float32).numpy(), int(scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-2-lane"])
+def test_the_scale_and_shift_kernel_matches_the_plain_float64_ops(portable):
+    scale_shift = kernels.scale_shift_op()
+    rng = np.random.default_rng(21)
+    for shape in [(4, 3), (2, 5, 5, 19), (1, 1), (0, 6), (3000, 2), (2, 9000)]:
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)
+        if x.size > 5:
+            x.reshape(-1)[rng.choice(x.size, 5, replace=False)] = [np.nan, np.inf, -np.inf, -0.0, 3.0e38]
+        a = (rng.uniform(-3, 3, shape[-1]) * 2.0 ** rng.integers(-20, 20, shape[-1])).astype(np.float32)
+        c = rng.standard_normal(shape[-1]).astype(np.float32)
+        for bit_width in (2, 8, 16, 24):
+            want, right = plain_scale_shift(x, a, c, bit_width, None)
+            for guess in (0, right, right + 1, right - 1):
+                y, used, _ = scale_shift(x, a, c, guess, bit_width=bit_width, auto_scale=True, portable=portable)
+                assert int(used) == right, (shape, bit_width)
+                assert same_bits(y, want), (shape, bit_width, guess)
+            for given in (-4, 3, 130):
+                y, used, _ = scale_shift(x, a, c, given, bit_width=bit_width, auto_scale=False, portable=portable)
+                assert same_bits(y, plain_scale_shift(x, a, c, bit_width, min(given, quant.MAX_SCALE))[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one value per channel"):
+        scale_shift(tf.zeros((2, 3)), [1.0, 2.0], [0.0, 0.0], 0, bit_width=8, auto_scale=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["auto", "fixed", -3])
+def test_batch_normalization_evaluation_is_the_same_with_and_without_the_kernel(mode):
+    cfg = {"weight": {"data_config": {"bit_width": 8, "training": "auto", "not_training": "auto"}},
+           "activation": {"data_config": {"bit_width": 6, "training": "auto", "not_training": mode}}}
+    rng = np.random.default_rng(3)
+    bn = nf.BatchNormalization(fixed_config=cfg)
+    bn.build((None, 4, 4, 7))
+    for variable, value in ((bn.gamma, rng.uniform(-2, 2, 7)), (bn.beta, rng.standard_normal(7)),
+                            (bn.moving_mean, rng.standard_normal(7)), (bn.moving_variance, rng.uniform(0.1, 9, 7))):
+        variable.assign(value.astype(np.float32))
+    x = tf.constant((rng.standard_normal((5, 4, 4, 7)) * 3).astype(np.float32))
+    point = bn.fixed_points["activation"]
+    results = []
+    for off in (False, True):
+        with kernels.disabled() if off else contextlib.nullcontext():
+            point.data_scale.assign(1)
+            eager = bn(x, training=False).numpy()
+            stored = point.data_scale.numpy()
+            point.data_scale.assign(1)
+            graph = tf.function(lambda t: bn(t, training=False))(x).numpy()
+            ops = {op.type for op in tf.function(lambda t: bn(t, training=False)).get_concrete_function(
+                x).graph.get_operations()}
+            results.append((eager, stored, graph, "NicsFixScaleShiftQuantize" in ops))
+    assert results[0][3] and not results[1][3]  # the kernel ran, then the plain ops did
+    for with_kernel, without in zip(results[0][:3], results[1][:3]):
+        assert same_bits(with_kernel, without)
 
 
 @needs_kernel

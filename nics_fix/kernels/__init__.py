@@ -17,7 +17,10 @@ Anything that goes wrong (no compiler, a failed build or load, a self-check
 that does not match the plain ops) leaves ``quantize_op()`` returning None
 with the reason in :func:`status`, logged once, and everything runs on the
 plain TensorFlow ops, with the same values. ``NICS_FIX_NATIVE=0`` turns the
-kernel off.
+kernel off (also the way to export a SavedModel graph of standard ops only).
+
+Two forms: one scale per tensor, and one scale per channel of the last axis
+(``per_channel=True``, a scale vector as long as that axis).
 
 >>> from nics_fix import kernels
 >>> kernels.status()                          # doctest: +SKIP
@@ -40,7 +43,7 @@ import tensorflow as tf
 from nics_fix.log import logger
 
 SOURCE = Path(__file__).with_name("quantize_op.cc")
-OP_NAME = "NicsFixFixedPointQuantize"
+OP_NAMES = ("NicsFixFixedPointQuantize", "NicsFixScaleShiftQuantize")
 SWITCH_ENV = "NICS_FIX_NATIVE"
 CACHE_ENV = "NICS_FIX_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
@@ -76,15 +79,26 @@ def enabled() -> bool:
 
 
 def quantize_op():
-    """The op's Python function (``nics_fix_fixed_point_quantize``), or None: see :func:`status`."""
+    """The quantize op's Python function (``nics_fix_fixed_point_quantize``), or None: see :func:`status`."""
+    library = _library()
+    return None if library is None else library.nics_fix_fixed_point_quantize
+
+
+def scale_shift_op():
+    """``quantize(x * a + c)`` per channel (BatchNormalization's evaluation), or None: see :func:`status`."""
+    library = _library()
+    return None if library is None else library.nics_fix_scale_shift_quantize
+
+
+def _library():
     if getattr(_off, "depth", 0):
         return None
     with _lock:
-        if "op" not in _state:
-            _state["op"], _state["status"] = _load()
-            log = logger.info if _state["op"] is not None or not enabled() else logger.warning
+        if "library" not in _state:
+            _state["library"], _state["status"] = _load()
+            log = logger.info if _state["library"] is not None or not enabled() else logger.warning
             log("fused quantize kernel: %s", _state["status"])
-        return _state["op"]
+        return _state["library"]
 
 
 _off = threading.local()  # per thread: models are traced in the thread that calls them
@@ -125,14 +139,14 @@ def _load():
             _build(compiler, path)
             built = True
         try:
-            op, mismatch = _load_checked(path)
+            library, mismatch = _load_checked(path)
         except Exception:  # noqa: BLE001 - a damaged or foreign cached library: build it again, once
             if built:
                 raise
             logger.warning("fused quantize kernel: %s does not load; building it again", path)
             path.unlink(missing_ok=True)
             _build(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "g++", path)
-            op, mismatch = _load_checked(path)
+            library, mismatch = _load_checked(path)
     except _BuildError as err:
         return None, f"{err}: plain TensorFlow ops, same values, slower"
     except Exception as err:  # noqa: BLE001 - whatever fails, quantizing must go on, on the plain ops
@@ -141,18 +155,19 @@ def _load():
         return None, f"could not load{where}: {type(err).__name__}: {first_line}: plain TensorFlow ops"
     if mismatch:
         return None, f"{path} does not match the plain ops ({mismatch}): not used"
-    return op, f"loaded {path}"
+    return library, f"loaded {path}"
 
 
 def _load_checked(path: Path):
-    """``(op, mismatch)``: the loaded op and what its self-check found ('' when it matches)."""
+    """``(library, mismatch)``: the loaded ops and what their self-check found ('' when they match)."""
     with tf.init_scope():  # eagerly, even when first asked for while a model is traced
         library = tf.load_op_library(str(path))
-        if OP_NAME not in _no_gradient_registered:
-            tf.no_gradient(OP_NAME)  # gradients are the straight-through ones of nics_fix.quant
-            _no_gradient_registered.add(OP_NAME)
-        op = library.nics_fix_fixed_point_quantize
-        return op, _self_check(op)
+        for name in OP_NAMES:
+            if name not in _no_gradient_registered:
+                tf.no_gradient(name)  # gradients are the straight-through ones of nics_fix.quant
+                _no_gradient_registered.add(name)
+        return library, _self_check(library.nics_fix_fixed_point_quantize) or _self_check_scale_shift(
+            library.nics_fix_scale_shift_quantize)
 
 
 _no_gradient_registered: set = set()
@@ -215,6 +230,22 @@ def _self_check(op) -> str:
             if (int(scale) != int(fmt.scale) or bool(all_inside) != bool(inside)
                     or not _same_bits(got.numpy(), quant._plain_quantize(part, fmt, "nearest").numpy())):
                 return f"auto scale at {bit_width} bits"
+    return ""
+
+
+def _self_check_scale_shift(op) -> str:
+    """The scale-and-shift op against the plain float64 ops; '' if it matches."""
+    from nics_fix import quant
+
+    x = tf.constant(np.float32([[0.5, -1.25, 3.0], [-0.0, 7.5, 1e-3], [250.0, -0.3, 2.0]]))
+    a, c = tf.constant(np.float32([0.75, -1.5, 3.0])), tf.constant(np.float32([0.125, 2.0, -0.5]))
+    t = tf.cast(x, tf.float64) * tf.cast(a, tf.float64) + tf.cast(c, tf.float64)
+    for bit_width in (2, 8, 24):
+        scale = quant.auto_scale(t)
+        want = tf.cast(quant._quantize(t, quant._Format(bit_width, scale), "nearest"), tf.float32)
+        got, used, _ = op(x, a, c, 0, bit_width=bit_width, auto_scale=True)
+        if int(used) != int(scale) or not _same_bits(got.numpy(), want.numpy()):
+            return f"scale and shift at {bit_width} bits"
     return ""
 
 

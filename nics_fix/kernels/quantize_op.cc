@@ -501,6 +501,217 @@ class FixedPointQuantizeOp : public OpKernel {
   bool per_channel_;  // one scale per channel of the last axis instead of one for the tensor
 };
 
+// ---- Batch normalization in evaluation: quantize(x * a + c) ----
+// t = double(x) * a[ch] + c[ch] (per channel of the last axis; two double
+// roundings, as the plain ops make them), its auto scale from float(t) (as the
+// plain ops cast it to take the scale), and t quantized in double, then
+// stored as float (exact: on the grid of at most 24 bits).
+template <int N>
+struct DoubleLanes {
+  typedef double Doubles __attribute__((vector_size(8 * N)));
+  typedef int64_t Longs __attribute__((vector_size(8 * N)));
+  typedef float Floats __attribute__((vector_size(4 * N)));
+};
+
+struct DoubleGrid {
+  DoubleGrid(int scale, int bit_width) {
+    const Grid g(scale, bit_width);
+    low = g.low;
+    high = g.high;
+    step = g.step;
+    inv_step = g.inv_step;
+  }
+  double low, high, step, inv_step;
+};
+
+inline double QuantizeOneDouble(double t, const DoubleGrid& g, int64_t* outside) {
+  *outside += !(t >= g.low && t <= g.high);
+  double c = t < g.low ? g.low : t;
+  c = c > g.high ? g.high : c;
+  const double s = c * g.inv_step;  // exact, and |s| <= 2^23
+  uint64_t sign;
+  std::memcpy(&sign, &s, sizeof(sign));
+  sign &= 0x8000000000000000ull;
+  const uint64_t magic_bits = 0x4330000000000000ull | sign;  // +-2^52
+  double magic;
+  std::memcpy(&magic, &magic_bits, sizeof(magic));
+  const double rounded = (s + magic) - magic;
+  uint64_t r;
+  std::memcpy(&r, &rounded, sizeof(r));
+  r = (r & 0x7FFFFFFFFFFFFFFFull) | sign;
+  double out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out * g.step;
+}
+
+// Rows of C channels: y = quantize(t); with track, the max and min of float(t)
+// (non-NaN) go into *mx/*mn. Returns the number of t that are NaN or clipped.
+template <int N>
+NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_t C, const double* a,
+                                  const double* shift, const DoubleGrid& g, bool track, float* mx, float* mn) {
+  typedef typename DoubleLanes<N>::Doubles Doubles;
+  typedef typename DoubleLanes<N>::Longs Longs;
+  typedef typename DoubleLanes<N>::Floats Floats;
+  const Longs sign_bit = Longs{} + static_cast<int64_t>(0x8000000000000000ull);
+  const Doubles lo = Doubles{} + g.low, hi = Doubles{} + g.high, step = Doubles{} + g.step,
+                inv = Doubles{} + g.inv_step;
+  Floats fmx = Floats{} + *mx, fmn = Floats{} + *mn;
+  Longs outside = Longs{};
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * C;
+    float* out = y + r * C;
+    int64_t c = 0;
+    for (; c + N <= C; c += N) {
+      Floats xf;
+      std::memcpy(&xf, row + c, sizeof(xf));
+      Doubles av, sv;
+      std::memcpy(&av, a + c, sizeof(av));
+      std::memcpy(&sv, shift + c, sizeof(sv));
+      Doubles t = __builtin_convertvector(xf, Doubles) * av;
+      t = t + sv;
+      if (track) {
+        const Floats ft = __builtin_convertvector(t, Floats);
+        fmx = ft > fmx ? ft : fmx;
+        fmn = ft < fmn ? ft : fmn;
+      }
+      outside -= ~((t >= lo) & (t <= hi));
+      Doubles k = t < lo ? lo : t;
+      k = k > hi ? hi : k;
+      const Doubles s = k * inv;
+      const Longs sign = (Longs)s & sign_bit;
+      const Doubles magic = (Doubles)((Longs{} + 0x4330000000000000ll) | sign);
+      const Doubles rounded = (s + magic) - magic;
+      const Doubles q = (Doubles)(((Longs)rounded & ~sign_bit) | sign) * step;
+      const Floats qf = __builtin_convertvector(q, Floats);
+      std::memcpy(out + c, &qf, sizeof(qf));
+    }
+    for (; c < C; ++c) {
+      double t = static_cast<double>(row[c]) * a[c];
+      t = t + shift[c];
+      if (track) {
+        const float ft = static_cast<float>(t);
+        *mx = ft > *mx ? ft : *mx;
+        *mn = ft < *mn ? ft : *mn;
+      }
+      out[c] = static_cast<float>(QuantizeOneDouble(t, g, &total));
+    }
+  }
+  for (int k = 0; k < N; ++k) {
+    total += outside[k];
+    *mx = fmx[k] > *mx ? fmx[k] : *mx;
+    *mn = fmn[k] < *mn ? fmn[k] : *mn;
+  }
+  return total;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) int64_t RowsScaleShiftAvx2(const float* x, float* y, int64_t rows, int64_t C,
+                                                           const double* a, const double* shift,
+                                                           const DoubleGrid& g, bool track, float* mx,
+                                                           float* mn) {
+  return RowsScaleShiftN<4>(x, y, rows, C, a, shift, g, track, mx, mn);
+}
+#endif
+
+int64_t RowsScaleShift(const float* x, float* y, int64_t rows, int64_t C, const double* a, const double* shift,
+                       const DoubleGrid& g, bool track, float* mx, float* mn, bool portable) {
+#ifdef __x86_64__
+  if (!portable && HasAvx2()) return RowsScaleShiftAvx2(x, y, rows, C, a, shift, g, track, mx, mn);
+#endif
+  return RowsScaleShiftN<2>(x, y, rows, C, a, shift, g, track, mx, mn);
+}
+
+class ScaleShiftQuantizeOp : public OpKernel {
+ public:
+  explicit ScaleShiftQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_width", &bit_width_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("auto_scale", &auto_scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("portable", &portable_));
+    OP_REQUIRES(ctx, bit_width_ >= 2 && bit_width_ <= 24,
+                tensorflow::errors::InvalidArgument("bit_width must be 2..24, got ", bit_width_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& input = ctx->input(0);
+    OP_REQUIRES(ctx, input.dims() >= 1 && input.dim_size(input.dims() - 1) > 0,
+                tensorflow::errors::InvalidArgument("x needs a last (channel) axis of size > 0"));
+    const int64_t C = input.dim_size(input.dims() - 1);
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == C && ctx->input(2).NumElements() == C,
+                tensorflow::errors::InvalidArgument("a and c must hold one value per channel (", C, ")"));
+    OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(3).shape()),
+                tensorflow::errors::InvalidArgument("scale must be a scalar"));
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input.shape(), &output));
+    const float* x = input.flat<float>().data();
+    float* y = output->flat<float>().data();
+    std::vector<double> a(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = ctx->input(1).flat<float>()(c);
+      shift[c] = ctx->input(2).flat<float>()(c);
+    }
+    const int64_t rows = input.NumElements() / C;
+    const int64_t block_rows = std::max<int64_t>(1, kChunk / C);
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
+    const int64_t shards = std::min<int64_t>(
+        blocks, 4 * std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads));
+    auto shard_rows = [&](int64_t s) {
+      const int64_t begin = (s * blocks / shards) * block_rows;
+      const int64_t end = std::min(rows, ((s + 1) * blocks / shards) * block_rows);
+      return std::make_pair(begin, end - begin);
+    };
+    const int64_t shard_cost = 4 * C * block_rows * std::max<int64_t>(1, blocks / std::max<int64_t>(1, shards));
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    std::vector<int64_t> outside(shards, 0);
+    std::vector<float> mx(shards, -std::numeric_limits<float>::infinity());
+    std::vector<float> mn(shards, std::numeric_limits<float>::infinity());
+    auto run = [&](const DoubleGrid& grid, bool track) {
+      workers->ParallelFor(shards, shard_cost, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const auto span = shard_rows(s);
+          outside[s] = RowsScaleShift(x + span.first * C, y + span.first * C, span.second, C, a.data(),
+                                      shift.data(), grid, track, &mx[s], &mn[s], portable_);
+        }
+      });
+    };
+    const int guess = Clamped(ctx->input(3).scalar<int32_t>()());
+    int scale = guess;
+    run(DoubleGrid(guess, bit_width_), auto_scale_);  // in auto mode the scale is a guess, as above
+    if (auto_scale_) {
+      float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < shards; ++s) {
+        hi = std::max(hi, mx[s]);
+        lo = std::min(lo, mn[s]);
+      }
+      float m = std::max(hi, -lo);
+      if (!std::isfinite(m)) {  // an Inf in float(t) (or nothing but NaN): its finite values only
+        m = 0.0f;
+        for (int64_t i = 0; i < rows * C; ++i) {
+          double t = static_cast<double>(x[i]) * a[i % C];
+          t = t + shift[i % C];
+          const float f = std::fabs(static_cast<float>(t));
+          m = (f <= std::numeric_limits<float>::max() && f > m) ? f : m;
+        }
+      }
+      scale = CeilLog2Clamped(m);
+      if (scale != guess) run(DoubleGrid(scale, bit_width_), false);
+    }
+    int64_t total = 0;
+    for (int64_t o : outside) total += o;
+    Tensor* scale_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {}, &scale_out));
+    scale_out->scalar<int32_t>()() = scale;
+    Tensor* inside_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {}, &inside_out));
+    inside_out->scalar<bool>()() = total == 0;
+  }
+
+ private:
+  int bit_width_;
+  bool auto_scale_;
+  bool portable_;
+};
+
 }  // namespace
 
 REGISTER_OP("NicsFixFixedPointQuantize")
@@ -532,3 +743,26 @@ REGISTER_OP("NicsFixFixedPointQuantize")
 
 REGISTER_KERNEL_BUILDER(Name("NicsFixFixedPointQuantize").Device(tensorflow::DEVICE_CPU),
                         FixedPointQuantizeOp);
+
+REGISTER_OP("NicsFixScaleShiftQuantize")
+    .Input("x: float")
+    .Input("a: float")
+    .Input("c: float")
+    .Input("scale: int32")
+    .Output("y: float")
+    .Output("scale_used: int32")
+    .Output("all_inside: bool")
+    .Attr("bit_width: int")
+    .Attr("auto_scale: bool")
+    .Attr("portable: bool = false")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle scalar;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 0, &scalar));
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->Scalar());
+      c->set_output(2, c->Scalar());
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("NicsFixScaleShiftQuantize").Device(tensorflow::DEVICE_CPU),
+                        ScaleShiftQuantizeOp);

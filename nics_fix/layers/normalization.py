@@ -61,11 +61,16 @@ class BatchNormalization(FixedLayer, keras.layers.BatchNormalization):
         if _as_training_flag(training) or not self.integer_evaluation:
             return super().call(inputs, training=training, mask=mask)
         (a, _, _), (c, _, _) = self.scale_and_shift()
-        shape = [1] * len(inputs.shape)
+        point = self._nf_points.get("activation")
+        rank = len(inputs.shape)
+        if point is not None and self.axis % rank == rank - 1:
+            fused = point.scale_shift_in_evaluation(inputs, a, c)  # the same bits in one op
+            if fused is not None:
+                return fused
+        shape = [1] * rank
         shape[self.axis] = -1
         outputs = (tf.cast(inputs, tf.float64) * tf.cast(tf.reshape(a, shape), tf.float64)
                    + tf.cast(tf.reshape(c, shape), tf.float64))
-        point = self._nf_points.get("activation")
         if point is not None:
             outputs = point(outputs, False)
         return tf.cast(outputs, tf.float32)
