@@ -233,7 +233,10 @@ class FixedPoint:
 
         None where the fused kernel cannot run it (a strategy, per-channel or block
         scales, ``none``/``dynamic`` modes, floor rounding, float16 input, a tape
-        recording, no kernel): the caller computes it the plain way.
+        recording, no kernel): the caller computes it the plain way. The fused op
+        passes no gradient: like the weight cache, the choice is made when the
+        call is traced, so a ``tf.function`` traced without a tape and later
+        called under one gives no gradient through this output.
         """
         data = self.config.data
         mode = data.not_training

@@ -20,9 +20,10 @@ fused kernel (:mod:`nics_fix.kernels`, built on first use), which computes an
 auto scale, the quantize and the clip test in one op; where it cannot be
 built, TensorFlow's fused QuantizeAndDequantizeV2 kernel quantizes and an auto
 scale costs two read-only reductions, which also tell the backward pass when
-the straight-through mask is all ones. Per-channel and per-block scales take
-the plain ops; under XLA (``jit_compile=True``) plain ops are used and XLA
-fuses them. :func:`_plain_quantize` is the definition every fused path matches.
+the straight-through mask is all ones. nics_fix's kernel also takes one scale
+per channel of the last axis, and BatchNormalization's exact evaluation;
+per-block scales and other axes take the plain ops; under XLA
+(``jit_compile=True``) plain ops are used and XLA fuses them. :func:`_plain_quantize` is the definition every fused path matches.
 
 Scales are clamped to ``[MIN_SCALE, MAX_SCALE]`` so that ``step``, ``1/step``
 and ``2**s`` are all *normal* float32 numbers for every bit width 1..32; this is
@@ -410,7 +411,8 @@ def _quantize(x, fmt: _Format, rounding: str, seed=None):
 
 
 def _fused(bit_width: int, rounding: str) -> bool:
-    """True when a fused CPU kernel computes this quantize with one scale per tensor."""
+    """True when the fused CPU kernels compute this quantize (one scale per tensor;
+    nics_fix's own kernel also one per channel of the last axis)."""
     return rounding == "nearest" and bit_width in _FUSED_BITS and _fused_kernel_allowed()
 
 
@@ -480,7 +482,7 @@ def _auto_quantize(x, bit_width: int, rounding: str, seed=None, guess=None, grou
             return op(x, 0 if guess is None else guess, bit_width=bit_width, auto_scale=True)
         fmt, all_inside = _auto_format(x, bit_width)
         return _quantize(x, fmt, rounding, seed), fmt.scale, all_inside
-    if op is not None and groups.block_size is None and groups.axis == x.shape.rank - 1:
+    if op is not None and groups.block_size is None and groups.axis == x.shape.rank - 1 and groups.n > 0:
         guess = tf.zeros([groups.n], tf.int32) if guess is None else tf.reshape(guess, [-1])
         y, scales, all_inside = op(x, guess, bit_width=bit_width, auto_scale=True, per_channel=True)
         return y, tf.reshape(scales, groups.scale_shape(x.shape)), all_inside
@@ -511,8 +513,8 @@ def _scale_shift_quantize(x, a, c, bit_width: int, scale, auto: bool):
 def _last_axis_scales(fmt: _Format, x) -> bool:
     """True when ``fmt``'s scales are one per index of ``x``'s last axis (shape ``(1, ..., 1, C)``)."""
     shape = getattr(fmt.scale, "shape", None)
-    if shape is None or shape.rank != x.shape.rank or not shape.rank or x.shape[-1] is None:
-        return False
+    if shape is None or shape.rank != x.shape.rank or not shape.rank or not x.shape[-1]:
+        return False  # also a last axis of size 0: nothing to quantize, the plain ops return it
     return shape[-1] == x.shape[-1] and all(d == 1 for d in shape[:-1])
 
 

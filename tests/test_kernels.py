@@ -281,3 +281,10 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
     assert "failed (exit 1, log: " in done.stdout and "plain TensorFlow ops" in done.stdout
     assert "VALUES [0.25, -1.25, 1.75, -0.0]" in done.stdout
     assert not os.path.exists(path), "the damaged library is gone"
+
+
+def test_an_empty_channel_axis_quantizes_to_an_empty_tensor():
+    empty = np.zeros((2, 0), np.float32)
+    assert nf.fixed_point_quantize(empty, 8, np.zeros((1, 0), np.int32)).shape == (2, 0)
+    y, scales, _ = quant._auto_quantize(tf.constant(empty), 8, "nearest", groups=quant.ScaleGroups(1, 0))
+    assert y.shape == (2, 0) and scales.shape == (1, 0)

@@ -1,9 +1,10 @@
-"""The fused quantize kernel: a TensorFlow CPU op built from ``quantize_op.cc`` on first use.
+"""The fused quantize kernels: TensorFlow CPU ops built from ``quantize_op.cc`` on first use.
 
-:mod:`nics_fix.quant` calls it for round-to-nearest with one scale per tensor
-(2..24 bits, CPU, outside XLA): the auto scale's reduction, the quantize and
-the clip test then take one op and two passes over memory instead of about
-twenty TensorFlow ops. Its values are those of the plain ops bit for bit
+:mod:`nics_fix.quant` calls them for round-to-nearest with one scale per tensor
+or per channel of the last axis (2..24 bits, CPU, outside XLA): the auto
+scale's reduction, the quantize and the clip test then take one op and one or
+two passes over memory instead of about twenty TensorFlow ops; a second op
+fuses BatchNormalization's exact evaluation (float64 ``x * a + c``, quantized). Its values are those of the plain ops bit for bit
 (``tests/test_kernels.py``, ``benchmarks/quant_exactness.py``).
 
 The op is compiled once per machine and TensorFlow install, with the C++
@@ -19,8 +20,8 @@ with the reason in :func:`status`, logged once, and everything runs on the
 plain TensorFlow ops, with the same values. ``NICS_FIX_NATIVE=0`` turns the
 kernel off (also the way to export a SavedModel graph of standard ops only).
 
-Two forms: one scale per tensor, and one scale per channel of the last axis
-(``per_channel=True``, a scale vector as long as that axis).
+The quantize op has two forms: one scale per tensor, and one scale per channel
+of the last axis (``per_channel=True``, a scale vector as long as that axis).
 
 >>> from nics_fix import kernels
 >>> kernels.status()                          # doctest: +SKIP
@@ -230,6 +231,13 @@ def _self_check(op) -> str:
             if (int(scale) != int(fmt.scale) or bool(all_inside) != bool(inside)
                     or not _same_bits(got.numpy(), quant._plain_quantize(part, fmt, "nearest").numpy())):
                 return f"auto scale at {bit_width} bits"
+        rows = tf.reshape(x[:52], (4, 13)) * tf.constant(np.float32(2.0) ** np.arange(-6, 7), tf.float32)
+        fmt, inside, scales = quant._grouped_auto_format(rows, bit_width, quant.ScaleGroups(1, 13))
+        got, used, all_inside = op(rows, tf.zeros([13], tf.int32), bit_width=bit_width, auto_scale=True,
+                                   per_channel=True)
+        if (not np.array_equal(used.numpy(), scales.numpy().reshape(-1)) or bool(all_inside) != bool(inside)
+                or not _same_bits(got.numpy(), quant._plain_quantize(rows, fmt, "nearest").numpy())):
+            return f"per-channel scales at {bit_width} bits"
     return ""
 
 
@@ -237,15 +245,21 @@ def _self_check_scale_shift(op) -> str:
     """The scale-and-shift op against the plain float64 ops; '' if it matches."""
     from nics_fix import quant
 
-    x = tf.constant(np.float32([[0.5, -1.25, 3.0], [-0.0, 7.5, 1e-3], [250.0, -0.3, 2.0]]))
-    a, c = tf.constant(np.float32([0.75, -1.5, 3.0])), tf.constant(np.float32([0.125, 2.0, -0.5]))
+    # 11 channels: the vector lanes and the scalar tail; NaN, Inf, -0 and a float32 overflow of t
+    values = np.float32([0.5, -1.25, 3.0, -0.0, 7.5, 1e-3, 250.0, -0.3, 2.0, np.nan, np.inf, 3e38,
+                         -2.5, 0.75, 1.5, -9.0, 0.1, 4.0, -0.6, 12.0, 0.2, -1.0])
+    x = tf.constant(values.reshape(2, 11))
+    a = tf.constant(np.float32([0.75, -1.5, 3.0, 1.0, 0.5, 2.0, -0.25, 1.25, 8.0, 1.0, 1.0]))
+    c = tf.constant(np.float32([0.125, 2.0, -0.5, 0.0, 1.0, -3.0, 0.5, 0.25, -1.0, 0.0, 2.0]))
     t = tf.cast(x, tf.float64) * tf.cast(a, tf.float64) + tf.cast(c, tf.float64)
     for bit_width in (2, 8, 24):
-        scale = quant.auto_scale(t)
-        want = tf.cast(quant._quantize(t, quant._Format(bit_width, scale), "nearest"), tf.float32)
-        got, used, _ = op(x, a, c, 0, bit_width=bit_width, auto_scale=True)
-        if int(used) != int(scale) or not _same_bits(got.numpy(), want.numpy()):
-            return f"scale and shift at {bit_width} bits"
+        for given in (None, -2, 5):
+            scale = quant.auto_scale(t) if given is None else tf.constant(given)
+            want = tf.cast(quant._quantize(t, quant._Format(bit_width, scale), "nearest"), tf.float32)
+            got, used, _ = op(x, a, c, 0 if given is None else given, bit_width=bit_width,
+                              auto_scale=given is None)
+            if int(used) != int(scale) or not _same_bits(got.numpy(), want.numpy()):
+                return f"scale and shift at {bit_width} bits"
     return ""
 
 
