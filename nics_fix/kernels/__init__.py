@@ -134,7 +134,7 @@ def _load():
         path = library_path()
         built = False
         if not path.exists():
-            compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+            compiler = _compiler()
             if compiler is None:
                 return None, "no C++ compiler (g++) to build it: plain TensorFlow ops, same values, slower"
             _build(compiler, path)
@@ -146,7 +146,7 @@ def _load():
                 raise
             logger.warning("fused quantize kernel: %s does not load; building it again", path)
             path.unlink(missing_ok=True)
-            _build(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "g++", path)
+            _build(_compiler() or "g++", path)
             library, mismatch = _load_checked(path)
     except _BuildError as err:
         return None, f"{err}: plain TensorFlow ops, same values, slower"
@@ -157,6 +157,10 @@ def _load():
     if mismatch:
         return None, f"{path} does not match the plain ops ({mismatch}): not used"
     return library, f"loaded {path}"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 def _load_checked(path: Path):

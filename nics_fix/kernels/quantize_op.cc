@@ -320,17 +320,60 @@ float ChunkFiniteAbsMax(const float* x, int64_t n) {
   return m;
 }
 
-class FixedPointQuantizeOp : public OpKernel {
+// What both ops share: the bit width, auto or given scale, the SIMD choice, and the thread pool.
+class FusedQuantizeKernel : public OpKernel {
  public:
-  explicit FixedPointQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit FusedQuantizeKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_width", &bit_width_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("auto_scale", &auto_scale_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("portable", &portable_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("per_channel", &per_channel_));
     OP_REQUIRES(ctx, bit_width_ >= 2 && bit_width_ <= 24,
                 tensorflow::errors::InvalidArgument("bit_width must be 2..24, got ", bit_width_));
   }
 
+ protected:
+  // ParallelFor over ``shards`` pieces of ``cost`` (about one cycle per element and pass) each.
+  static void ForShards(OpKernelContext* ctx, int64_t shards, int64_t cost,
+                        const std::function<void(int64_t)>& work) {
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+        shards, cost, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) work(i);
+        });
+  }
+
+  int bit_width_;
+  bool auto_scale_;
+  bool portable_;  // the narrow SIMD code even where AVX2 is present (the tests compare both)
+};
+
+// Rows of C channels cut into blocks of about kChunk elements (one block is in
+// cache while it is reduced and quantized), and the blocks into a few shards
+// per thread, each with its own partial results.
+struct RowShards {
+  RowShards(OpKernelContext* ctx, int64_t rows, int64_t C)
+      : rows(rows), block_rows(std::max<int64_t>(1, kChunk / C)) {
+    blocks = (rows + block_rows - 1) / block_rows;
+    count = std::min<int64_t>(blocks, 4 * std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads));
+    cost = C * block_rows * std::max<int64_t>(1, blocks / std::max<int64_t>(1, count));
+  }
+  // Blocks [first, second) of shard s.
+  std::pair<int64_t, int64_t> Blocks(int64_t s) const { return {s * blocks / count, (s + 1) * blocks / count}; }
+  // (first row, number of rows) of block b, or of all the blocks of shard s.
+  std::pair<int64_t, int64_t> BlockRows(int64_t b) const {
+    return {b * block_rows, std::min(block_rows, rows - b * block_rows)};
+  }
+  std::pair<int64_t, int64_t> ShardRows(int64_t s) const {
+    const int64_t begin = Blocks(s).first * block_rows;
+    return {begin, std::min(rows, Blocks(s).second * block_rows) - begin};
+  }
+  int64_t rows, block_rows, blocks, count, cost;
+};
+
+class FixedPointQuantizeOp : public FusedQuantizeKernel {
+ public:
+  explicit FixedPointQuantizeOp(OpKernelConstruction* ctx) : FusedQuantizeKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("per_channel", &per_channel_));
+  }
   void Compute(OpKernelContext* ctx) override {
     const Tensor& input = ctx->input(0);
     Tensor* output = nullptr;
@@ -359,15 +402,6 @@ class FixedPointQuantizeOp : public OpKernel {
   }
 
  private:
-  // ParallelFor over ``shards`` pieces of ``cost`` (about one cycle per element and pass) each.
-  static void ForShards(OpKernelContext* ctx, int64_t shards, int64_t cost,
-                        const std::function<void(int64_t)>& work) {
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-        shards, cost, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) work(i);
-        });
-  }
-
   // One scale for the tensor; returns the number of elements NaN or clipped.
   int64_t PerTensor(OpKernelContext* ctx, const Tensor& input, Tensor* output, int32_t* scale_out) {
     const float* x = input.flat<float>().data();
@@ -428,24 +462,14 @@ class FixedPointQuantizeOp : public OpKernel {
                      int32_t* scale_out) {
     const float* x = input.flat<float>().data();
     float* y = output->flat<float>().data();
-    const int64_t rows = input.NumElements() / C;
-    const int64_t block_rows = std::max<int64_t>(1, kChunk / C);
-    const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    // A few shards per thread, each with its own per-channel extremes.
-    const int64_t shards = std::min<int64_t>(
-        blocks, 4 * std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads));
-    auto shard_blocks = [&](int64_t s) { return std::make_pair(s * blocks / shards, (s + 1) * blocks / shards); };
-    auto block_span = [&](int64_t b) {
-      const int64_t begin = b * block_rows;
-      return std::make_pair(begin, std::min(block_rows, rows - begin));
-    };
-    const int64_t shard_cost = C * block_rows * std::max<int64_t>(1, blocks / std::max<int64_t>(1, shards));
-    std::vector<int64_t> outside(shards, 0);
+    const RowShards shards(ctx, input.NumElements() / C, C);
+    const int64_t rows = shards.rows;
+    std::vector<int64_t> outside(shards.count, 0);
     auto quantize_all = [&](const ChannelGrids& grids) {
-      ForShards(ctx, shards, shard_cost, [&](int64_t s) {
+      ForShards(ctx, shards.count, shards.cost, [&](int64_t s) {
         outside[s] = 0;
-        for (int64_t b = shard_blocks(s).first; b < shard_blocks(s).second; ++b) {
-          const auto span = block_span(b);
+        for (int64_t b = shards.Blocks(s).first; b < shards.Blocks(s).second; ++b) {
+          const auto span = shards.BlockRows(b);
           outside[s] += RowsQuantize(x + span.first * C, y + span.first * C, span.second, C, grids, portable_);
         }
       });
@@ -457,11 +481,11 @@ class FixedPointQuantizeOp : public OpKernel {
     scales = guess;
     if (auto_scale_) {
       const ChannelGrids guessed = MakeChannelGrids(guess, bit_width_);
-      std::vector<float> mx(shards * C, -std::numeric_limits<float>::infinity());
-      std::vector<float> mn(shards * C, std::numeric_limits<float>::infinity());
-      ForShards(ctx, shards, shard_cost, [&](int64_t s) {
-        for (int64_t b = shard_blocks(s).first; b < shard_blocks(s).second; ++b) {
-          const auto span = block_span(b);
+      std::vector<float> mx(shards.count * C, -std::numeric_limits<float>::infinity());
+      std::vector<float> mn(shards.count * C, std::numeric_limits<float>::infinity());
+      ForShards(ctx, shards.count, shards.cost, [&](int64_t s) {
+        for (int64_t b = shards.Blocks(s).first; b < shards.Blocks(s).second; ++b) {
+          const auto span = shards.BlockRows(b);
           const float* rows_x = x + span.first * C;
           RowsExtremes(rows_x, span.second, C, mx.data() + s * C, mn.data() + s * C, portable_);
           outside[s] += RowsQuantize(rows_x, y + span.first * C, span.second, C, guessed, portable_);
@@ -470,7 +494,7 @@ class FixedPointQuantizeOp : public OpKernel {
       bool same = true;
       for (int64_t c = 0; c < C; ++c) {
         float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < shards; ++s) {
+        for (int64_t s = 0; s < shards.count; ++s) {
           hi = std::max(hi, mx[s * C + c]);
           lo = std::min(lo, mn[s * C + c]);
         }
@@ -495,9 +519,6 @@ class FixedPointQuantizeOp : public OpKernel {
     return total;
   }
 
-  int bit_width_;
-  bool auto_scale_;
-  bool portable_;  // the 4-lane code even where AVX2 is present (the tests compare both)
   bool per_channel_;  // one scale per channel of the last axis instead of one for the tensor
 };
 
@@ -622,15 +643,9 @@ int64_t RowsScaleShift(const float* x, float* y, int64_t rows, int64_t C, const 
   return RowsScaleShiftN<2>(x, y, rows, C, a, shift, g, track, mx, mn);
 }
 
-class ScaleShiftQuantizeOp : public OpKernel {
+class ScaleShiftQuantizeOp : public FusedQuantizeKernel {
  public:
-  explicit ScaleShiftQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_width", &bit_width_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("auto_scale", &auto_scale_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("portable", &portable_));
-    OP_REQUIRES(ctx, bit_width_ >= 2 && bit_width_ <= 24,
-                tensorflow::errors::InvalidArgument("bit_width must be 2..24, got ", bit_width_));
-  }
+  explicit ScaleShiftQuantizeOp(OpKernelConstruction* ctx) : FusedQuantizeKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& input = ctx->input(0);
@@ -650,28 +665,16 @@ class ScaleShiftQuantizeOp : public OpKernel {
       a[c] = ctx->input(1).flat<float>()(c);
       shift[c] = ctx->input(2).flat<float>()(c);
     }
-    const int64_t rows = input.NumElements() / C;
-    const int64_t block_rows = std::max<int64_t>(1, kChunk / C);
-    const int64_t blocks = (rows + block_rows - 1) / block_rows;
-    const int64_t shards = std::min<int64_t>(
-        blocks, 4 * std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads));
-    auto shard_rows = [&](int64_t s) {
-      const int64_t begin = (s * blocks / shards) * block_rows;
-      const int64_t end = std::min(rows, ((s + 1) * blocks / shards) * block_rows);
-      return std::make_pair(begin, end - begin);
-    };
-    const int64_t shard_cost = 4 * C * block_rows * std::max<int64_t>(1, blocks / std::max<int64_t>(1, shards));
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    std::vector<int64_t> outside(shards, 0);
-    std::vector<float> mx(shards, -std::numeric_limits<float>::infinity());
-    std::vector<float> mn(shards, std::numeric_limits<float>::infinity());
+    const RowShards shards(ctx, input.NumElements() / C, C);
+    const int64_t rows = shards.rows;
+    std::vector<int64_t> outside(shards.count, 0);
+    std::vector<float> mx(shards.count, -std::numeric_limits<float>::infinity());
+    std::vector<float> mn(shards.count, std::numeric_limits<float>::infinity());
     auto run = [&](const DoubleGrid& grid, bool track) {
-      workers->ParallelFor(shards, shard_cost, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
-          const auto span = shard_rows(s);
-          outside[s] = RowsScaleShift(x + span.first * C, y + span.first * C, span.second, C, a.data(),
-                                      shift.data(), grid, track, &mx[s], &mn[s], portable_);
-        }
+      ForShards(ctx, shards.count, 4 * shards.cost, [&](int64_t s) {  // double lanes: about 4x the work
+        const auto span = shards.ShardRows(s);
+        outside[s] = RowsScaleShift(x + span.first * C, y + span.first * C, span.second, C, a.data(),
+                                    shift.data(), grid, track, &mx[s], &mn[s], portable_);
       });
     };
     const int guess = Clamped(ctx->input(3).scalar<int32_t>()());
@@ -679,7 +682,7 @@ class ScaleShiftQuantizeOp : public OpKernel {
     run(DoubleGrid(guess, bit_width_), auto_scale_);  // in auto mode the scale is a guess, as above
     if (auto_scale_) {
       float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < shards; ++s) {
+      for (int64_t s = 0; s < shards.count; ++s) {
         hi = std::max(hi, mx[s]);
         lo = std::min(lo, mn[s]);
       }
@@ -706,10 +709,6 @@ class ScaleShiftQuantizeOp : public OpKernel {
     inside_out->scalar<bool>()() = total == 0;
   }
 
- private:
-  int bit_width_;
-  bool auto_scale_;
-  bool portable_;
 };
 
 }  // namespace
