@@ -36,6 +36,7 @@ from nics_fix.quant import (
     _as_float32,
     _auto_quantize,
     _auto_scale_pow2,
+    _cached_quantize,
     _Format,
     _quantize,
     _quantize_ste,
@@ -151,10 +152,19 @@ class FixedPoint:
         cache = self.eval_cache
         if cache is not None:
             if not training and x is cache.variable:
-                return cache.quantized(lambda: self._quantize_data_and_gradient(x, False))
+                return cache.quantized(lambda: self._quantize_data_and_gradient(x, False), self._fused_cache)
             if training:
                 cache.invalidate()
         return self._quantize_data_and_gradient(x, training)
+
+    def _fused_cache(self, copy, current):
+        """The evaluation cache of this weight as one fused op (:func:`quant._cached_quantize`), or None."""
+        data = self.config.data
+        if self.layer.compute_dtype != "float32":  # a float16 read of the weight (mixed precision)
+            return None
+        rounding = "nearest" if data.rounding == "stochastic" else data.rounding
+        return _cached_quantize(self.eval_cache.variable, copy, current, self.data_scale, data.bit_width,
+                                data.not_training, rounding, self.data_groups)
 
     def _quantize_data_and_gradient(self, x, training: bool):
         # Read variables here: tf.custom_gradient must never see a variable read

@@ -510,6 +510,36 @@ def _scale_shift_quantize(x, a, c, bit_width: int, scale, auto: bool):
     return op(x, tf.reshape(a, [-1]), tf.reshape(c, [-1]), scale, bit_width=bit_width, auto_scale=auto)
 
 
+def _cached_quantize(weight, copy, current, scale, bit_width: int, mode, rounding: str, groups=None):
+    """A weight's evaluation quantize with its cached copy, as one op: ``copy`` (a
+    float32 variable) where ``current`` (a bool variable) holds true; otherwise
+    ``weight`` quantized in ``mode`` (``auto``, ``fixed`` or an integer scale,
+    with the scales stored in ``scale`` as the points store them), kept in ``copy``
+    and ``current`` set. The values are those of the point's own quantize.
+
+    None where nics_fix's fused kernel cannot compute it (other rounding, block
+    scales, per-channel scales not on the last axis, under XLA, no kernel): the
+    caller then keeps the copy with a ``tf.cond``. No gradient passes.
+    """
+    if not _fused(bit_width, rounding):
+        return None
+    from nics_fix.kernels import cached_quantize_op
+
+    op = cached_quantize_op()
+    if op is None:
+        return None
+    if mode in ("auto", "fixed"):
+        per_channel = groups is not None
+        if per_channel and not (groups.block_size is None and groups.axis == len(weight.shape) - 1 and groups.n > 0):
+            return None
+        kwargs = {"auto_scale": mode == "auto", "per_channel": per_channel}
+    else:  # an integer scale: one format for the whole tensor, stored in every scale entry
+        kwargs = {"auto_scale": False, "use_constant": True, "constant_scale": int(mode)}
+    y = op(weight.handle, copy.handle, current.handle, scale.handle, bit_width=bit_width, **kwargs)
+    y.set_shape(weight.shape)
+    return y
+
+
 def _last_axis_scales(fmt: _Format, x) -> bool:
     """True when ``fmt``'s scales are one per index of ``x``'s last axis (shape ``(1, ..., 1, C)``)."""
     shape = getattr(fmt.scale, "shape", None)

@@ -26,6 +26,25 @@ def same_bits(a, b) -> bool:
     return kernels._same_bits(np.asarray(a), np.asarray(b))
 
 
+_in_place_fns: dict = {}
+
+
+def call_op(placement, t, scale, **attrs):
+    """The quantize op on a tensor that another op still holds (``new``: the output gets its own
+    buffer) or on a fresh intermediate in a graph (``in-place``: TensorFlow hands the op the
+    input's buffer for its output, and auto scales take their read-only pass first)."""
+    if placement == "new":
+        return op(t, scale, **attrs)
+    key = tuple(sorted(attrs.items()))
+    if key not in _in_place_fns:
+        _in_place_fns[key] = tf.function(lambda v, s: op(tf.raw_ops.DeepCopy(x=v), s, **attrs),
+                                         reduce_retracing=True)
+    return _in_place_fns[key](t, tf.constant(scale, tf.int32))
+
+
+PLACEMENTS = pytest.mark.parametrize("placement", ["new", "in-place"])
+
+
 def awkward_tensors(rng):
     """Sizes around the 8-lane and 4096-element chunk edges, with the values that are easy to get wrong."""
     special = np.float32([0.0, -0.0, np.nan, 1e-45, -1e-45, 1e-40, 3.0e38, -3.0e38, 0.5, -0.5, 1.5, 2.5, -2.5])
@@ -40,8 +59,9 @@ def awkward_tensors(rng):
 
 
 @needs_kernel
+@PLACEMENTS
 @pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-4-lane"])
-def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable):
+def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable, placement):
     rng = np.random.default_rng(5)
     for x in awkward_tensors(rng):
         t = tf.constant(x)
@@ -49,13 +69,15 @@ def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable):
             fmt, inside = quant._auto_format(t, bit_width)
             right = int(fmt.scale)
             for guess in (0, right, right - 1, right + 1, -94):  # the guess saves work, never changes a bit
-                y, scale, all_inside = op(t, guess, bit_width=bit_width, auto_scale=True, portable=portable)
+                y, scale, all_inside = call_op(placement, t, guess, bit_width=bit_width, auto_scale=True,
+                                               portable=portable)
                 assert int(scale) == right, (bit_width, x[:5])
                 assert bool(all_inside) == bool(inside), (bit_width, guess, x[:5])
                 assert same_bits(y, quant._plain_quantize(t, fmt, "nearest")), (bit_width, guess, x[:5])
             for s in (-120, -94, -5, 0, 3, 126, 300):
                 fixed = quant._Format(bit_width, s)
-                y, used, all_inside = op(t, s, bit_width=bit_width, auto_scale=False, portable=portable)
+                y, used, all_inside = call_op(placement, t, s, bit_width=bit_width, auto_scale=False,
+                                              portable=portable)
                 want = quant._plain_quantize(t, fixed, "nearest").numpy()
                 assert int(used) == min(max(s, quant.MIN_SCALE), quant.MAX_SCALE)
                 assert same_bits(y, want), (bit_width, s, x[:5])
@@ -64,8 +86,9 @@ def test_the_kernel_matches_the_plain_ops_bit_for_bit(portable):
 
 
 @needs_kernel
+@PLACEMENTS
 @pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-4-lane"])
-def test_per_channel_scales_match_the_plain_ops_bit_for_bit(portable):
+def test_per_channel_scales_match_the_plain_ops_bit_for_bit(portable, placement):
     """One scale per channel of the last axis: channel counts around the lane width, row
     blocks around the 4096-element chunk, channels of very different magnitudes, NaN/Inf/-0."""
     rng = np.random.default_rng(11)
@@ -80,16 +103,16 @@ def test_per_channel_scales_match_the_plain_ops_bit_for_bit(portable):
             want = quant._plain_quantize(t, fmt, "nearest")
             right = np.reshape(scales.numpy(), -1)
             for guess in (np.zeros(shape[-1], np.int32), right, right + (np.arange(shape[-1]) % 2)):
-                y, used, all_inside = op(t, guess, bit_width=bit_width, auto_scale=True, per_channel=True,
-                                         portable=portable)
+                y, used, all_inside = call_op(placement, t, guess, bit_width=bit_width, auto_scale=True,
+                                              per_channel=True, portable=portable)
                 assert np.array_equal(used.numpy(), right), (shape, bit_width)
                 assert bool(all_inside) == bool(inside), (shape, bit_width)
                 assert same_bits(y, want), (shape, bit_width)
             given = rng.integers(-8, 8, shape[-1]).astype(np.int32)
             given[0] = 300  # clamped like every scale
             fixed = quant._Format(bit_width, tf.constant(given.reshape((1,) * (len(shape) - 1) + (-1,))))
-            y, _, all_inside = op(t, given, bit_width=bit_width, auto_scale=False, per_channel=True,
-                                  portable=portable)
+            y, _, all_inside = call_op(placement, t, given, bit_width=bit_width, auto_scale=False,
+                                       per_channel=True, portable=portable)
             assert same_bits(y, quant._plain_quantize(t, fixed, "nearest")), (shape, bit_width)
             low, high = fixed.low.numpy(), fixed.high.numpy()
             assert bool(all_inside) == bool(np.all((x >= low) & (x <= high)))

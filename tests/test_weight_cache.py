@@ -8,12 +8,15 @@ predictions must equal it bit for bit after every kind of write.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import nics_fix as nf
+from nics_fix import kernels
 from nics_fix.weight_cache import clear_weight_caches
 
 
@@ -50,6 +53,15 @@ def _current(model):
     return bool(model.layers[0].fixed_points["kernel"].eval_cache.current.numpy())
 
 
+@pytest.fixture(params=["fused", "cond"])
+def cache_kind(request):
+    """The two ways a copy is kept: one fused op (nics_fix's kernel), or a tf.cond."""
+    if request.param == "fused" and kernels.cached_quantize_op() is None:
+        pytest.skip(f"no fused kernel here: {kernels.status()}")
+    with kernels.disabled() if request.param == "cond" else contextlib.nullcontext():
+        yield request.param
+
+
 @pytest.fixture
 def data(rng):
     # few inputs, small integers: every product and sum is exact in float32
@@ -59,7 +71,7 @@ def data(rng):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_cached_predictions_equal_fresh_quantization_after_every_kind_of_write(data, tmp_path, jit):
+def test_cached_predictions_equal_fresh_quantization_after_every_kind_of_write(data, tmp_path, jit, cache_kind):
     x, y = data
     model = _model(jit=jit)
     model.layers[0].bias.assign(np.float32([0.3, -0.2, 0.05]))
@@ -90,7 +102,7 @@ def test_cached_predictions_equal_fresh_quantization_after_every_kind_of_write(d
     assert float(np.max(np.abs(model.predict_on_batch(x)))) > 0
 
 
-def test_fixed_scale_change_drops_the_copy(data):
+def test_fixed_scale_change_drops_the_copy(data, cache_kind):
     x, _ = data
     model = _model(not_training="fixed")
     layer = model.layers[0]
@@ -101,7 +113,7 @@ def test_fixed_scale_change_drops_the_copy(data):
     np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
 
 
-def test_writes_around_keras_need_clear_weight_caches(data):
+def test_writes_around_keras_need_clear_weight_caches(data, cache_kind):
     x, _ = data
     model = _model()
     model.predict_on_batch(x)
@@ -111,7 +123,7 @@ def test_writes_around_keras_need_clear_weight_caches(data):
     np.testing.assert_array_equal(model.predict_on_batch(x), _reference(model, x))
 
 
-def test_evaluation_under_a_tape_keeps_gradients_and_drops_the_copy(data):
+def test_evaluation_under_a_tape_keeps_gradients_and_drops_the_copy(data, cache_kind):
     x, _ = data
     model = _model()
     model.predict_on_batch(x)
@@ -124,7 +136,7 @@ def test_evaluation_under_a_tape_keeps_gradients_and_drops_the_copy(data):
     np.testing.assert_array_equal(grad.numpy(), np.repeat(x.sum(0)[:, None], 3, axis=1))
 
 
-def test_float_training_still_drops_the_copy_of_quantized_evaluation(data):
+def test_float_training_still_drops_the_copy_of_quantized_evaluation(data, cache_kind):
     x, y = data
     weight = {"data_config": {"bit_width": 6, "training": "none", "not_training": 1}}
     model = keras.Sequential([keras.Input((5,)), nf.Dense(3, fixed_config={"weight": weight})])
@@ -144,3 +156,52 @@ def test_dynamic_and_strategy_points_are_not_cached():
     layer.build((None, 3))
     assert layer.fixed_points["kernel"].eval_cache is None
     assert layer.fixed_points["activation"].eval_cache is None
+
+
+def _op_types(model, x) -> set:
+    graph = tf.function(lambda v: model(v, training=False)).get_concrete_function(
+        tf.TensorSpec(x.shape, tf.float32)).graph
+    return {op.type for op in graph.get_operations()}
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("not_training", ["auto", "fixed", -1])
+def test_fused_copy_equals_the_cond_copy_in_values_scales_and_refreshes(rng, not_training, granularity):
+    if kernels.cached_quantize_op() is None:
+        pytest.skip(f"no fused kernel here: {kernels.status()}")
+    weight = {"data_config": {"bit_width": 5, "training": "auto", "not_training": not_training,
+                              "granularity": granularity}}
+    x = rng.standard_normal((6, 7)).astype(np.float32)
+    weights = None
+    models = {}
+    for kind in ("fused", "cond"):
+        with kernels.disabled() if kind == "cond" else contextlib.nullcontext():
+            model = keras.Sequential([keras.Input((7,)), nf.Dense(4, fixed_config={"weight": weight})])
+            if weights is None:
+                weights = [rng.standard_normal(w.shape).astype(np.float32) for w in model.get_weights()]
+            model.set_weights(weights)
+            for key in ("kernel", "bias"):
+                point = model.layers[0].fixed_points[key]
+                point.data_scale.assign(np.arange(point.data_scale.shape.num_elements() or 1, dtype=np.int32)
+                                        .reshape(point.data_scale.shape) % 3 - 1)
+            ops = _op_types(model, x)
+            assert ("NicsFixCachedQuantize" in ops) == (kind == "fused")
+            assert ("If" in ops or "StatelessIf" in ops) == (kind == "cond")
+            models[kind] = model
+
+    def state(model):
+        points = model.layers[0].fixed_points
+        return [model.predict_on_batch(x)] + [points[k].data_scale.numpy() for k in ("kernel", "bias")]
+
+    for step in range(3):
+        for kind in ("fused", "cond"):
+            with kernels.disabled() if kind == "cond" else contextlib.nullcontext():
+                if step == 2:  # a write drops both copies
+                    models[kind].layers[0].kernel.assign(models[kind].layers[0].kernel * -3.0)
+                got = state(models[kind])
+            if kind == "fused":
+                fused = got
+            else:
+                for a, b in zip(fused, got):
+                    np.testing.assert_array_equal(a, b)
+    assert bool(models["fused"].layers[0].fixed_points["kernel"].eval_cache.current.numpy())

@@ -44,7 +44,7 @@ import tensorflow as tf
 from nics_fix.log import logger
 
 SOURCE = Path(__file__).with_name("quantize_op.cc")
-OP_NAMES = ("NicsFixFixedPointQuantize", "NicsFixScaleShiftQuantize")
+OP_NAMES = ("NicsFixFixedPointQuantize", "NicsFixScaleShiftQuantize", "NicsFixCachedQuantize")
 SWITCH_ENV = "NICS_FIX_NATIVE"
 CACHE_ENV = "NICS_FIX_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
@@ -89,6 +89,13 @@ def scale_shift_op():
     """``quantize(x * a + c)`` per channel (BatchNormalization's evaluation), or None: see :func:`status`."""
     library = _library()
     return None if library is None else library.nics_fix_scale_shift_quantize
+
+
+def cached_quantize_op():
+    """A weight's quantized copy for evaluation, refreshed in the same op when stale (see
+    :mod:`nics_fix.weight_cache`), or None: see :func:`status`."""
+    library = _library()
+    return None if library is None else library.nics_fix_cached_quantize
 
 
 def _library():
@@ -171,8 +178,10 @@ def _load_checked(path: Path):
             if name not in _no_gradient_registered:
                 tf.no_gradient(name)  # gradients are the straight-through ones of nics_fix.quant
                 _no_gradient_registered.add(name)
-        return library, _self_check(library.nics_fix_fixed_point_quantize) or _self_check_scale_shift(
-            library.nics_fix_scale_shift_quantize)
+        return library, (_self_check(library.nics_fix_fixed_point_quantize)
+                         or _self_check_scale_shift(library.nics_fix_scale_shift_quantize)
+                         or _self_check_cached(library.nics_fix_cached_quantize,
+                                               library.nics_fix_fixed_point_quantize))
 
 
 _no_gradient_registered: set = set()
@@ -264,6 +273,33 @@ def _self_check_scale_shift(op) -> str:
                               auto_scale=given is None)
             if int(used) != int(scale) or not _same_bits(got.numpy(), want.numpy()):
                 return f"scale and shift at {bit_width} bits"
+    return ""
+
+
+def _self_check_cached(op, quantize) -> str:
+    """The cached-copy op: a stale copy is recomputed as the quantize op computes it (auto,
+    given and constant scales), stored with its scales, and a current one is returned as it is."""
+    w = tf.Variable(np.float32([[0.3, -2.5, 7.75], [1e-3, -0.0, 3.0], [np.nan, 0.5, -6.0]]))
+    copy, current = tf.Variable(tf.zeros([3, 3])), tf.Variable(False)
+    for kwargs, stored in (({"auto_scale": True}, 0), ({"auto_scale": False}, 1),
+                           ({"auto_scale": False, "use_constant": True, "constant_scale": -1}, 5),
+                           ({"auto_scale": True, "per_channel": True}, [[0, 0, 0]])):
+        scale = tf.Variable(tf.constant(stored, tf.int32))
+        current.assign(False)
+        per_channel = kwargs.get("per_channel", False)
+        given = kwargs.get("constant_scale", tf.reshape(scale, [-1]) if per_channel else scale)
+        want, want_scale, _ = quantize(w, given, bit_width=6, auto_scale=kwargs["auto_scale"],
+                                       per_channel=per_channel)
+        got = op(w.handle, copy.handle, current.handle, scale.handle, bit_width=6, **kwargs)
+        stale_w = w.read_value()
+        w.assign(w * 2.0)  # the copy stays what it was until current is false
+        again = op(w.handle, copy.handle, current.handle, scale.handle, bit_width=6, **kwargs)
+        w.assign(stale_w)
+        want_stored = np.broadcast_to(np.reshape(want_scale.numpy(), (-1,)), (np.size(stored),))
+        if (not _same_bits(got.numpy(), want.numpy()) or not _same_bits(again.numpy(), want.numpy())
+                or not bool(current.numpy()) or not _same_bits(copy.numpy(), want.numpy())
+                or not np.array_equal(scale.numpy().reshape(-1), want_stored)):
+            return f"cached copy with {kwargs}"
     return ""
 
 

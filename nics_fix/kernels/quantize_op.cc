@@ -7,17 +7,23 @@
 //   auto scale  s = ceil(log2(max |x| over finite x)), clamped to [-94, 126]
 //   y           = round_half_even(clip(x, -2^s, 2^s - step) / step) * step
 //   all_inside  = no element is NaN or outside [-2^s, 2^s - step]
-// Widths 2..24 only: clipping first keeps |x / step| <= 2^23, where adding and
-// subtracting 2^23 rounds ties to even exactly, with no rounding-mode calls.
+// Widths 2..24 only: clipping first keeps |x / step| <= 2^23, where rounding
+// to an integer is exact either way it is done: vroundps on AVX2, elsewhere
+// adding and subtracting 2^23 (ties to even in the default rounding mode).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -80,55 +86,53 @@ struct Extremes {
   float min = std::numeric_limits<float>::infinity();
 };
 
-// Max and min of the non-NaN elements (every compare with NaN is false).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// vroundps: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
+__attribute__((target("avx2"))) inline Lanes<8>::Floats RoundAvx(Lanes<8>::Floats s) {
+  return (Lanes<8>::Floats)_mm256_round_ps((__m256)s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
+// Round half to even, lane by lane, for |s| <= 2^23, keeping the sign (-0.3
+// gives -0). The 8-lane (AVX2) form is one vroundps; the portable form adds
+// and subtracts 2^23 to |s|, which rounds ties to even in the default mode.
 template <int N>
-NF_INLINE Extremes ChunkExtremesN(const float* x, int64_t n) {
+NF_INLINE typename Lanes<N>::Floats RoundHalfEven(typename Lanes<N>::Floats s) {
   typedef typename Lanes<N>::Floats Floats;
-  Floats mx = Splat<Floats>(-std::numeric_limits<float>::infinity()), mn = -mx;
-  int64_t i = 0;
-  for (; i + N <= n; i += N) {
-    const Floats v = Load<Floats>(x + i);
-    mx = v > mx ? v : mx;
-    mn = v < mn ? v : mn;
-  }
-  Extremes out;
-  for (int k = 0; k < N; ++k) {
-    out.max = mx[k] > out.max ? mx[k] : out.max;
-    out.min = mn[k] < out.min ? mn[k] : out.min;
-  }
-  for (; i < n; ++i) {
-    out.max = x[i] > out.max ? x[i] : out.max;
-    out.min = x[i] < out.min ? x[i] : out.min;
-  }
-  return out;
+  typedef typename Lanes<N>::Ints Ints;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (N == 8) return RoundAvx(s);  // only ever inlined into the target("avx2") functions
+#endif
+  const Ints sign_bit = Ints{} + static_cast<int32_t>(0x80000000u);
+  const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
+  const Floats magnitude = (Floats)((Ints)s & ~sign_bit);
+  const Floats magic = Splat<Floats>(8388608.0f);
+  const Floats rounded = (magnitude + magic) - magic;
+  return (Floats)((Ints)rounded | sign);
 }
 
 // round_half_even(clip(v, lo, hi) * inv_step) * step, lane by lane; NaN stays
 // NaN (its compares are false) and -0 stays -0 (the sign is put back).
+// ``clipped`` is set to all ones in the lanes that are NaN or were clipped.
 template <int N>
 NF_INLINE typename Lanes<N>::Floats QuantizeLanesV(typename Lanes<N>::Floats v, typename Lanes<N>::Floats lo,
                                                 typename Lanes<N>::Floats hi, typename Lanes<N>::Floats step,
-                                                typename Lanes<N>::Floats inv_step) {
+                                                typename Lanes<N>::Floats inv_step,
+                                                typename Lanes<N>::Ints* clipped) {
   typedef typename Lanes<N>::Floats Floats;
-  typedef typename Lanes<N>::Ints Ints;
-  const Ints sign_bit = Ints{} + static_cast<int32_t>(0x80000000u);
   Floats c = v < lo ? lo : v;
   c = c > hi ? hi : c;
+  *clipped = c != v;  // also NaN: it never equals itself
   const Floats s = c * inv_step;  // exact: a power of two, and |s| <= 2^23
-  const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
-  const Ints magic_bits = (Ints{} + 0x4B000000) | sign;  // +-2^23
-  const Floats magic = (Floats)magic_bits;
-  const Floats rounded = (s + magic) - magic;  // ties to even, in the default rounding mode
-  const Ints r = ((Ints)rounded & ~sign_bit) | sign;
-  return (Floats)r * step;
+  return RoundHalfEven<N>(s) * step;
 }
 
 template <int N>
 NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, float low, float high,
-                                               float step, float inv_step) {
+                                               float step, float inv_step, typename Lanes<N>::Ints* clipped) {
   typedef typename Lanes<N>::Floats Floats;
   return QuantizeLanesV<N>(v, Splat<Floats>(low), Splat<Floats>(high), Splat<Floats>(step),
-                           Splat<Floats>(inv_step));
+                           Splat<Floats>(inv_step), clipped);
 }
 
 // The same for one element (the channels left over after the full lanes of a row).
@@ -152,34 +156,57 @@ inline float QuantizeOne(float v, float low, float high, float step, float inv_s
   return out * step;
 }
 
-// Quantizes x[0, n) into y; returns the number of elements that are NaN or clipped.
-template <int N>
+// Any lane set in ``mask`` (all ones or zero per lane), as 0 or 1.
+template <typename Ints>
+NF_INLINE int64_t AnySet(Ints mask, int lanes) {
+  int32_t any = 0;
+  for (int k = 0; k < lanes; ++k) any |= mask[k];
+  return any != 0;
+}
+
+// Quantizes x[0, n) into y; returns nonzero when an element is NaN or clipped.
+// With ``kExtremes``, also the max and min of the non-NaN elements of x, in
+// the same pass (every compare with NaN is false); without ``kQuantize``, only those.
+template <int N, bool kExtremes, bool kQuantize = true>
 NF_INLINE int64_t ChunkQuantizeN(const float* x, float* y, int64_t n, float low, float high, float step,
-                              float inv_step) {
+                              float inv_step, Extremes* extremes) {
   typedef typename Lanes<N>::Floats Floats;
   typedef typename Lanes<N>::Ints Ints;
-  const Floats lo = Splat<Floats>(low), hi = Splat<Floats>(high);
-  Ints outside = Ints{};
+  Ints outside = Ints{}, clipped;
+  Floats mx = Splat<Floats>(-std::numeric_limits<float>::infinity()), mn = -mx;
   int64_t i = 0;
   for (; i + N <= n; i += N) {
     const Floats v = Load<Floats>(x + i);
-    outside -= ~((v >= lo) & (v <= hi));  // a true compare is -1
-    const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step);
-    std::memcpy(y + i, &q, sizeof(q));
-  }
-  int64_t total = 0;
-  for (int k = 0; k < N; ++k) total += outside[k];
-  if (i < n) {  // the tail, through the same lanes
-    Floats v = Splat<Floats>(0.0f);
-    for (int64_t k = i; k < n; ++k) v[k - i] = x[k];
-    const Ints tail_outside = ~((v >= lo) & (v <= hi));
-    const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step);
-    for (int64_t k = i; k < n; ++k) {
-      y[k] = q[k - i];
-      total -= tail_outside[k - i];
+    if constexpr (kExtremes) {
+      mx = v > mx ? v : mx;
+      mn = v < mn ? v : mn;
+    }
+    if constexpr (kQuantize) {
+      const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step, &clipped);
+      outside |= clipped;
+      std::memcpy(y + i, &q, sizeof(q));
     }
   }
-  return total;
+  if (kQuantize && i < n) {  // the tail, through the same lanes (zeros in the unused ones are inside)
+    Floats v = Splat<Floats>(0.0f);
+    for (int64_t k = i; k < n; ++k) v[k - i] = x[k];
+    const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step, &clipped);
+    outside |= clipped;
+    for (int64_t k = i; k < n; ++k) y[k] = q[k - i];
+  }
+  if constexpr (kExtremes) {
+    Extremes out;
+    for (int k = 0; k < N; ++k) {
+      out.max = mx[k] > out.max ? mx[k] : out.max;
+      out.min = mn[k] < out.min ? mn[k] : out.min;
+    }
+    for (; i < n; ++i) {
+      out.max = x[i] > out.max ? x[i] : out.max;
+      out.min = x[i] < out.min ? x[i] : out.min;
+    }
+    *extremes = out;
+  }
+  return AnySet(outside, N);
 }
 
 // One scale per channel of the last axis: ``rows`` rows of ``C`` channels.
@@ -210,38 +237,40 @@ NF_INLINE void RowsExtremesN(const float* x, int64_t rows, int64_t C, float* mx,
   }
 }
 
-// Quantizes the rows channel by channel; returns the number of elements NaN or clipped.
+// Quantizes the rows channel by channel; returns nonzero when an element is NaN or clipped.
 template <int N>
 NF_INLINE int64_t RowsQuantizeN(const float* x, float* y, int64_t rows, int64_t C, const ChannelGrids& g) {
   typedef typename Lanes<N>::Floats Floats;
   typedef typename Lanes<N>::Ints Ints;
-  Ints outside = Ints{};
+  Ints outside = Ints{}, clipped;
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * C;
     float* out = y + r * C;
     int64_t c = 0;
     for (; c + N <= C; c += N) {
-      const Floats v = Load<Floats>(row + c);
-      const Floats lo = Load<Floats>(g.low.data() + c), hi = Load<Floats>(g.high.data() + c);
-      outside -= ~((v >= lo) & (v <= hi));
-      const Floats q = QuantizeLanesV<N>(v, lo, hi, Load<Floats>(g.step.data() + c),
-                                         Load<Floats>(g.inv_step.data() + c));
+      const Floats q = QuantizeLanesV<N>(Load<Floats>(row + c), Load<Floats>(g.low.data() + c),
+                                         Load<Floats>(g.high.data() + c), Load<Floats>(g.step.data() + c),
+                                         Load<Floats>(g.inv_step.data() + c), &clipped);
+      outside |= clipped;
       std::memcpy(out + c, &q, sizeof(q));
     }
     for (; c < C; ++c) out[c] = QuantizeOne(row[c], g.low[c], g.high[c], g.step[c], g.inv_step[c], &total);
   }
-  for (int k = 0; k < N; ++k) total += outside[k];
-  return total;
+  return total + AnySet(outside, N);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx2"))) Extremes ChunkExtremesAvx2(const float* x, int64_t n) {
-  return ChunkExtremesN<8>(x, n);
+  Extremes out;
+  ChunkQuantizeN<8, true, false>(x, nullptr, n, 0, 0, 0, 0, &out);
+  return out;
 }
 __attribute__((target("avx2"))) int64_t ChunkQuantizeAvx2(const float* x, float* y, int64_t n, float low,
-                                                          float high, float step, float inv_step) {
-  return ChunkQuantizeN<8>(x, y, n, low, high, step, inv_step);
+                                                          float high, float step, float inv_step,
+                                                          Extremes* extremes) {
+  return extremes ? ChunkQuantizeN<8, true>(x, y, n, low, high, step, inv_step, extremes)
+                  : ChunkQuantizeN<8, false>(x, y, n, low, high, step, inv_step, nullptr);
 }
 __attribute__((target("avx2"))) void RowsExtremesAvx2(const float* x, int64_t rows, int64_t C, float* mx,
                                                      float* mn) {
@@ -271,13 +300,6 @@ int64_t RowsQuantize(const float* x, float* y, int64_t rows, int64_t C, const Ch
   return RowsQuantizeN<4>(x, y, rows, C, g);
 }
 
-Extremes ChunkExtremes(const float* x, int64_t n, bool portable) {
-#ifdef __x86_64__
-  if (!portable && HasAvx2()) return ChunkExtremesAvx2(x, n);
-#endif
-  return ChunkExtremesN<4>(x, n);
-}
-
 // The constants of one format (bit width, scale): all exact powers of two or on the grid.
 struct Grid {
   Grid(int scale, int bit_width) {
@@ -304,11 +326,25 @@ ChannelGrids MakeChannelGrids(const std::vector<int>& scales, int bit_width) {
 
 int Clamped(int scale) { return std::min(std::max(scale, kMinScale), kMaxScale); }
 
-int64_t ChunkQuantize(const float* x, float* y, int64_t n, const Grid& g, bool portable) {
+// The max and min of x[0, n)'s non-NaN elements.
+Extremes ChunkExtremes(const float* x, int64_t n, bool portable) {
 #ifdef __x86_64__
-  if (!portable && HasAvx2()) return ChunkQuantizeAvx2(x, y, n, g.low, g.high, g.step, g.inv_step);
+  if (!portable && HasAvx2()) return ChunkExtremesAvx2(x, n);
 #endif
-  return ChunkQuantizeN<4>(x, y, n, g.low, g.high, g.step, g.inv_step);
+  Extremes out;
+  ChunkQuantizeN<4, true, false>(x, nullptr, n, 0, 0, 0, 0, &out);
+  return out;
+}
+
+// Quantizes x[0, n) into y (nonzero when an element is NaN or clipped); with
+// ``extremes``, also gives the max and min of x's non-NaN elements.
+int64_t ChunkQuantize(const float* x, float* y, int64_t n, const Grid& g, bool portable,
+                      Extremes* extremes = nullptr) {
+#ifdef __x86_64__
+  if (!portable && HasAvx2()) return ChunkQuantizeAvx2(x, y, n, g.low, g.high, g.step, g.inv_step, extremes);
+#endif
+  return extremes ? ChunkQuantizeN<4, true>(x, y, n, g.low, g.high, g.step, g.inv_step, extremes)
+                  : ChunkQuantizeN<4, false>(x, y, n, g.low, g.high, g.step, g.inv_step, nullptr);
 }
 
 float ChunkFiniteAbsMax(const float* x, int64_t n) {
@@ -376,34 +412,52 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
   }
   void Compute(OpKernelContext* ctx) override {
     const Tensor& input = ctx->input(0);
+    const Tensor& scale = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckScale(input, scale));
     Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input.shape(), &output));
-    int64_t outside = 0;
-    if (per_channel_) {
-      OP_REQUIRES(ctx, input.dims() >= 1 && input.dim_size(input.dims() - 1) > 0,
-                  tensorflow::errors::InvalidArgument("per-channel scales need a last axis of size > 0"));
-      const int64_t channels = input.dim_size(input.dims() - 1);
-      OP_REQUIRES(ctx, ctx->input(1).NumElements() == channels,
-                  tensorflow::errors::InvalidArgument("scale must hold one scale per channel (", channels,
-                                                      "), got ", ctx->input(1).NumElements()));
-      Tensor* scale_out = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {channels}, &scale_out));
-      outside = PerChannel(ctx, input, output, channels, scale_out->flat<int32_t>().data());
-    } else {
-      OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(1).shape()),
-                  tensorflow::errors::InvalidArgument("scale must be a scalar"));
-      Tensor* scale_out = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, {}, &scale_out));
-      outside = PerTensor(ctx, input, output, scale_out->scalar<int32_t>().data());
-    }
+    // The input's buffer where no other op reads it (an activation in
+    // evaluation): a new one costs page faults the size of the tensor.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
+    Tensor* scale_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, per_channel_ ? tensorflow::TensorShape({scale.NumElements()})
+                                                             : tensorflow::TensorShape({}),
+                                             &scale_out));
+    const int64_t outside = Quantize(ctx, input, scale, output, scale_out->flat<int32_t>().data());
     Tensor* inside_out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, {}, &inside_out));
     inside_out->scalar<bool>()() = outside == 0;
   }
 
+ protected:
+  // ``scale`` fits ``input``: one value per channel of its last axis, or a scalar.
+  tensorflow::Status CheckScale(const Tensor& input, const Tensor& scale) const {
+    if (scale.dtype() != tensorflow::DT_INT32) return tensorflow::errors::InvalidArgument("scale must be int32");
+    if (per_channel_) {
+      if (input.dims() < 1 || input.dim_size(input.dims() - 1) == 0)
+        return tensorflow::errors::InvalidArgument("per-channel scales need a last axis of size > 0");
+      const int64_t channels = input.dim_size(input.dims() - 1);
+      if (scale.NumElements() != channels)
+        return tensorflow::errors::InvalidArgument("scale must hold one scale per channel (", channels,
+                                                   "), got ", scale.NumElements());
+    } else if (!tensorflow::TensorShapeUtils::IsScalar(scale.shape())) {
+      return tensorflow::errors::InvalidArgument("scale must be a scalar");
+    }
+    return tensorflow::OkStatus();
+  }
+
+  // ``input`` quantized into ``output`` with the given scales (or, in auto mode,
+  // its own, with ``scale`` as the guess), which go to ``scale_out``; returns
+  // nonzero when an element is NaN or clipped. ``CheckScale`` must have passed.
+  int64_t Quantize(OpKernelContext* ctx, const Tensor& input, const Tensor& scale, Tensor* output,
+                   int32_t* scale_out) {
+    if (per_channel_) return PerChannel(ctx, input, scale, output, input.dim_size(input.dims() - 1), scale_out);
+    return PerTensor(ctx, input, scale, output, scale_out);
+  }
+
  private:
-  // One scale for the tensor; returns the number of elements NaN or clipped.
-  int64_t PerTensor(OpKernelContext* ctx, const Tensor& input, Tensor* output, int32_t* scale_out) {
+  // One scale for the tensor; returns nonzero when an element is NaN or clipped.
+  int64_t PerTensor(OpKernelContext* ctx, const Tensor& input, const Tensor& given, Tensor* output,
+                    int32_t* scale_out) {
     const float* x = input.flat<float>().data();
     float* y = output->flat<float>().data();
     const int64_t n = input.NumElements();
@@ -417,19 +471,24 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
     };
 
     // In auto mode the scale input is a guess (the scale stored last time):
-    // each chunk's extremes and its quantize with the guess are computed
-    // while the chunk is in cache, so a right guess costs one pass over
-    // memory. A wrong one is only a second quantize pass: the output is
-    // always that of the scale computed from the data.
-    const int guess = Clamped(ctx->input(1).scalar<int32_t>()());
+    // each chunk's extremes and its quantize with the guess are computed in
+    // one pass over the chunk, so a right guess costs one pass over memory.
+    // A wrong one is only a second quantize pass: the output is always that
+    // of the scale computed from the data. Where the output took over the
+    // input's buffer, the extremes come first in a read-only pass instead.
+    const bool in_place = x == y;
+    const int guess = Clamped(given.scalar<int32_t>()());
     int scale = guess;
     if (auto_scale_) {
       const Grid guessed(guess, bit_width_);
       std::vector<Extremes> parts(chunks);
       ForShards(ctx, chunks, kChunk, [&](int64_t c) {
         const int64_t begin = c * kChunk, size = chunk_size(c);
-        parts[c] = ChunkExtremes(x + begin, size, portable_);
-        outside[c] = ChunkQuantize(x + begin, y + begin, size, guessed, portable_);
+        if (in_place) {
+          parts[c] = ChunkExtremes(x + begin, size, portable_);
+        } else {
+          outside[c] = ChunkQuantize(x + begin, y + begin, size, guessed, portable_, &parts[c]);
+        }
       });
       Extremes all;
       for (const Extremes& e : parts) {
@@ -446,7 +505,7 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
         for (float f : finite) m = std::max(m, f);
       }
       scale = CeilLog2Clamped(m);
-      if (scale != guess) quantize_all(Grid(scale, bit_width_));
+      if (in_place || scale != guess) quantize_all(Grid(scale, bit_width_));
     } else {
       quantize_all(Grid(scale, bit_width_));
     }
@@ -458,8 +517,8 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
 
   // One scale per channel of the last axis, the same way: blocks of whole rows,
   // each block's extremes and its quantize with the guessed scales while it is in cache.
-  int64_t PerChannel(OpKernelContext* ctx, const Tensor& input, Tensor* output, int64_t C,
-                     int32_t* scale_out) {
+  int64_t PerChannel(OpKernelContext* ctx, const Tensor& input, const Tensor& given_scales, Tensor* output,
+                     int64_t C, int32_t* scale_out) {
     const float* x = input.flat<float>().data();
     float* y = output->flat<float>().data();
     const RowShards shards(ctx, input.NumElements() / C, C);
@@ -475,8 +534,9 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
       });
     };
 
+    const bool in_place = x == y;  // then the extremes come first, read-only, as per tensor
     std::vector<int> guess(C), scales(C);
-    const auto given = ctx->input(1).flat<int32_t>();
+    const auto given = given_scales.flat<int32_t>();
     for (int64_t c = 0; c < C; ++c) guess[c] = Clamped(given(c));
     scales = guess;
     if (auto_scale_) {
@@ -488,7 +548,7 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
           const auto span = shards.BlockRows(b);
           const float* rows_x = x + span.first * C;
           RowsExtremes(rows_x, span.second, C, mx.data() + s * C, mn.data() + s * C, portable_);
-          outside[s] += RowsQuantize(rows_x, y + span.first * C, span.second, C, guessed, portable_);
+          if (!in_place) outside[s] += RowsQuantize(rows_x, y + span.first * C, span.second, C, guessed, portable_);
         }
       });
       bool same = true;
@@ -509,7 +569,7 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
         scales[c] = CeilLog2Clamped(m);
         same = same && scales[c] == guess[c];
       }
-      if (!same) quantize_all(MakeChannelGrids(scales, bit_width_));
+      if (in_place || !same) quantize_all(MakeChannelGrids(scales, bit_width_));
     } else {
       quantize_all(MakeChannelGrids(scales, bit_width_));
     }
@@ -520,6 +580,94 @@ class FixedPointQuantizeOp : public FusedQuantizeKernel {
   }
 
   bool per_channel_;  // one scale per channel of the last axis instead of one for the tensor
+};
+
+// ---- A weight's quantized copy, kept between evaluation calls ----
+// One op instead of a tf.cond per weight: when ``current`` holds true it
+// outputs ``copy`` as it is; otherwise it quantizes ``weight`` as
+// NicsFixFixedPointQuantize does (with ``scale`` as the given scales or the
+// auto guess), stores the result in ``copy`` and the scales used in ``scale``
+// (auto and constant modes), and sets ``current``. Stale copies are marked by
+// assigning false to ``current``, as with the tf.cond it replaces.
+class CachedQuantizeOp : public FixedPointQuantizeOp {
+ public:
+  explicit CachedQuantizeOp(OpKernelConstruction* ctx) : FixedPointQuantizeOp(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("constant_scale", &constant_scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_constant", &use_constant_));
+    OP_REQUIRES(ctx, !(use_constant_ && auto_scale_),
+                tensorflow::errors::InvalidArgument("a constant scale is not an auto scale"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    using tensorflow::core::RefCountPtr;
+    RefCountPtr<tensorflow::Var> weight, copy, current, scale;
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, 0), &weight));
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, 1), &copy));
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, 2), &current));
+    OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, 3), &scale));
+    Tensor is_current, w, stored;
+    OP_REQUIRES_OK(ctx, Read(current.get(), tensorflow::DT_BOOL, &is_current));
+    OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(is_current.shape()),
+                tensorflow::errors::InvalidArgument("current must be a scalar"));
+    OP_REQUIRES_OK(ctx, Read(weight.get(), tensorflow::DT_FLOAT, &w));
+    if (is_current.scalar<bool>()()) {
+      Tensor kept;
+      OP_REQUIRES_OK(ctx, Read(copy.get(), tensorflow::DT_FLOAT, &kept));
+      OP_REQUIRES(ctx, kept.shape() == w.shape(),
+                  tensorflow::errors::InvalidArgument("the copy's shape ", kept.shape().DebugString(),
+                                                      " is not the weight's ", w.shape().DebugString()));
+      ctx->set_output(0, kept);
+      return;
+    }
+    OP_REQUIRES_OK(ctx, Read(scale.get(), tensorflow::DT_INT32, &stored));
+    Tensor given = stored;
+    if (use_constant_) {  // quantize with the constant; store it in every entry of the scale variable
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32, {}, &given));
+      given.scalar<int32_t>()() = constant_scale_;
+    }
+    OP_REQUIRES_OK(ctx, CheckScale(w, given));
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, w.shape(), &output));
+    Tensor used;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32, given.shape(), &used));
+    Quantize(ctx, w, given, output, used.flat<int32_t>().data());
+    if (use_constant_) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_INT32, stored.shape(), &used));
+      used.flat<int32_t>().setConstant(constant_scale_);
+    }
+    if (auto_scale_ || use_constant_) {
+      Tensor reshaped;  // the variable's shape: (C,) and (1, C) hold the same values
+      OP_REQUIRES(ctx, reshaped.CopyFrom(used, stored.shape()),
+                  tensorflow::errors::Internal("the scales do not fit the scale variable"));
+      Write(scale.get(), reshaped);
+    }
+    Write(copy.get(), *output);
+    Tensor flag;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_BOOL, {}, &flag));
+    flag.scalar<bool>()() = true;
+    Write(current.get(), flag);
+  }
+
+ private:
+  // The variable's value (a reference to its buffer, as ReadVariableOp gives).
+  static tensorflow::Status Read(tensorflow::Var* var, tensorflow::DataType dtype, Tensor* out) {
+    tensorflow::tf_shared_lock lock(*var->mu());
+    if (!var->is_initialized) return tensorflow::errors::FailedPrecondition("a variable is not initialized");
+    if (var->tensor()->dtype() != dtype)
+      return tensorflow::errors::InvalidArgument("a variable holds ", tensorflow::DataTypeString(var->tensor()->dtype()),
+                                                 ", expected ", tensorflow::DataTypeString(dtype));
+    *out = *var->tensor();
+    return tensorflow::OkStatus();
+  }
+  // Replaces the variable's buffer (never writes into one a reader may hold).
+  static void Write(tensorflow::Var* var, const Tensor& value) {
+    tensorflow::mutex_lock lock(*var->mu());
+    *var->tensor() = value;
+    var->is_initialized = true;
+  }
+
+  int constant_scale_;
+  bool use_constant_;
 };
 
 // ---- Batch normalization in evaluation: quantize(x * a + c) ----
@@ -742,6 +890,23 @@ REGISTER_OP("NicsFixFixedPointQuantize")
 
 REGISTER_KERNEL_BUILDER(Name("NicsFixFixedPointQuantize").Device(tensorflow::DEVICE_CPU),
                         FixedPointQuantizeOp);
+
+REGISTER_OP("NicsFixCachedQuantize")
+    .Input("weight: resource")
+    .Input("copy: resource")
+    .Input("current: resource")
+    .Input("scale: resource")
+    .Output("y: float")
+    .Attr("bit_width: int")
+    .Attr("auto_scale: bool")
+    .Attr("portable: bool = false")
+    .Attr("per_channel: bool = false")
+    .Attr("use_constant: bool = false")
+    .Attr("constant_scale: int = 0")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::UnknownShape);
+
+REGISTER_KERNEL_BUILDER(Name("NicsFixCachedQuantize").Device(tensorflow::DEVICE_CPU), CachedQuantizeOp);
 
 REGISTER_OP("NicsFixScaleShiftQuantize")
     .Input("x: float")
