@@ -67,26 +67,33 @@ def _on_assign(variable, callback) -> None:
 
 
 class EvaluationCache:
-    """The quantized copy of ``variable`` for evaluation, stale after any write to ``watched``.
+    """The evaluation-mode value of ``variable`` (its quantized copy), stale after
+    any write to it or to ``watched``; with ``shapes`` instead, a tuple of values
+    derived from the ``watched`` variables (e.g. BatchNormalization's evaluation
+    multiplier and offset), one per shape.
 
-    Two untracked ``tf.Variable`` (not layer weights, never saved): the copy and
-    a flag saying whether it is current.
+    Untracked ``tf.Variable`` (not layer weights, never saved): the copies and
+    a flag saying whether they are current.
     """
 
-    def __init__(self, variable, watched=()):
+    def __init__(self, variable=None, watched=(), shapes=None):
         self.variable = variable
+        self.single = shapes is None
+        shapes = [tuple(variable.shape)] if shapes is None else [tuple(s) for s in shapes]
         with tf.init_scope():
-            self.value = tf.Variable(tf.zeros(tuple(variable.shape), tf.float32), trainable=False,
-                                     name="quantized_copy")
+            self.values = [tf.Variable(tf.zeros(shape, tf.float32), trainable=False, name="quantized_copy")
+                           for shape in shapes]
             self.current = tf.Variable(False, trainable=False, name="quantized_copy_current")
-        for watched_variable in (variable, *watched):
+        self.value = self.values[0]
+        for watched_variable in ((variable,) if variable is not None else ()) + tuple(watched):
             _on_assign(watched_variable, self.invalidate)
 
     def invalidate(self) -> None:
         self.current.assign(False)
 
     def quantized(self, compute, fused=None):
-        """``compute()`` (the evaluation-mode quantization of the variable) or the copy of its last result.
+        """``compute()`` (the evaluation-mode value: one tensor, or a tuple as long as
+        ``shapes``) or the copy of its last result.
 
         ``fused(copy, current)``: the same choice and refresh as one op, or None
         where it cannot be one; a ``tf.cond`` makes the choice otherwise.
@@ -102,12 +109,15 @@ class EvaluationCache:
                 return out
 
         def refresh():
-            q = compute()
-            self.value.assign(q)
+            out = compute()
+            outs = [out] if self.single else list(out)
+            for copy, value in zip(self.values, outs):
+                copy.assign(value)
             self.current.assign(True)
-            return tf.identity(q)
+            return [tf.identity(value) for value in outs]
 
-        return tf.cond(self.current, self.value.read_value, refresh)
+        got = tf.cond(self.current, lambda: [copy.read_value() for copy in self.values], refresh)
+        return got[0] if self.single else tuple(got)
 
 
 def clear_weight_caches(model) -> None:
@@ -115,9 +125,8 @@ def clear_weight_caches(model) -> None:
     from nics_fix.introspect import fixed_layers
 
     for layer in fixed_layers(model):
-        for point in layer.fixed_points.values():
-            if point.eval_cache is not None:
-                point.eval_cache.invalidate()
+        for cache in layer.evaluation_caches():
+            cache.invalidate()
 
 
 __all__ = ["EvaluationCache", "clear_weight_caches"]

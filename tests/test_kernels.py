@@ -29,17 +29,18 @@ def same_bits(a, b) -> bool:
 _in_place_fns: dict = {}
 
 
-def call_op(placement, t, scale, **attrs):
-    """The quantize op on a tensor that another op still holds (``new``: the output gets its own
-    buffer) or on a fresh intermediate in a graph (``in-place``: TensorFlow hands the op the
-    input's buffer for its output, and auto scales take their read-only pass first)."""
+def call_op(placement, t, scale, *rest, fn=None, **attrs):
+    """The quantize op (or ``fn``) on a tensor that another op still holds (``new``: the output
+    gets its own buffer) or on a fresh intermediate in a graph (``in-place``: TensorFlow hands the
+    op the input's buffer for its output, and auto scales take their read-only pass first)."""
+    fn = fn or op
     if placement == "new":
-        return op(t, scale, **attrs)
-    key = tuple(sorted(attrs.items()))
+        return fn(t, *rest, scale, **attrs)
+    key = (fn, len(rest), tuple(sorted(attrs.items())))
     if key not in _in_place_fns:
-        _in_place_fns[key] = tf.function(lambda v, s: op(tf.raw_ops.DeepCopy(x=v), s, **attrs),
+        _in_place_fns[key] = tf.function(lambda v, s, *r: fn(tf.raw_ops.DeepCopy(x=v), *r, s, **attrs),
                                          reduce_retracing=True)
-    return _in_place_fns[key](t, tf.constant(scale, tf.int32))
+    return _in_place_fns[key](t, tf.constant(scale, tf.int32), *(tf.constant(r) for r in rest))
 
 
 PLACEMENTS = pytest.mark.parametrize("placement", ["new", "in-place"])
@@ -129,8 +130,9 @@ def plain_scale_shift(x, a, c, bit_width, scale):
 
 
 @needs_kernel
+@PLACEMENTS
 @pytest.mark.parametrize("portable", [False, True], ids=["simd-dispatch", "portable-2-lane"])
-def test_the_scale_and_shift_kernel_matches_the_plain_float64_ops(portable):
+def test_the_scale_and_shift_kernel_matches_the_plain_float64_ops(portable, placement):
     scale_shift = kernels.scale_shift_op()
     rng = np.random.default_rng(21)
     for shape in [(4, 3), (2, 5, 5, 19), (1, 1), (0, 6), (3000, 2), (2, 9000)]:
@@ -139,15 +141,23 @@ def test_the_scale_and_shift_kernel_matches_the_plain_float64_ops(portable):
             x.reshape(-1)[rng.choice(x.size, 5, replace=False)] = [np.nan, np.inf, -np.inf, -0.0, 3.0e38]
         a = (rng.uniform(-3, 3, shape[-1]) * 2.0 ** rng.integers(-20, 20, shape[-1])).astype(np.float32)
         c = rng.standard_normal(shape[-1]).astype(np.float32)
+        t = np.float64(x) * np.float64(a) + np.float64(c)
         for bit_width in (2, 8, 16, 24):
             want, right = plain_scale_shift(x, a, c, bit_width, None)
             for guess in (0, right, right + 1, right - 1):
-                y, used, _ = scale_shift(x, a, c, guess, bit_width=bit_width, auto_scale=True, portable=portable)
+                y, used, inside = call_op(placement, x, guess, a, c, fn=scale_shift, bit_width=bit_width,
+                                          auto_scale=True, portable=portable)
                 assert int(used) == right, (shape, bit_width)
                 assert same_bits(y, want), (shape, bit_width, guess)
+                fmt = quant._Format(bit_width, right)
+                assert bool(inside) == bool(np.all((t >= fmt.low) & (t <= fmt.high))), (shape, bit_width)
             for given in (-4, 3, 130):
-                y, used, _ = scale_shift(x, a, c, given, bit_width=bit_width, auto_scale=False, portable=portable)
-                assert same_bits(y, plain_scale_shift(x, a, c, bit_width, min(given, quant.MAX_SCALE))[0])
+                y, used, inside = call_op(placement, x, given, a, c, fn=scale_shift, bit_width=bit_width,
+                                          auto_scale=False, portable=portable)
+                scale = min(given, quant.MAX_SCALE)
+                assert same_bits(y, plain_scale_shift(x, a, c, bit_width, scale)[0])
+                fmt = quant._Format(bit_width, scale)
+                assert bool(inside) == bool(np.all((t >= fmt.low) & (t <= fmt.high))), (shape, bit_width)
     with pytest.raises(tf.errors.InvalidArgumentError, match="one value per channel"):
         scale_shift(tf.zeros((2, 3)), [1.0, 2.0], [0.0, 0.0], 0, bit_width=8, auto_scale=True)
 

@@ -205,3 +205,41 @@ def test_fused_copy_equals_the_cond_copy_in_values_scales_and_refreshes(rng, not
                 for a, b in zip(fused, got):
                     np.testing.assert_array_equal(a, b)
     assert bool(models["fused"].layers[0].fixed_points["kernel"].eval_cache.current.numpy())
+
+
+def test_batch_normalization_keeps_its_multiplier_and_offset_until_weights_or_statistics_move(rng, cache_kind):
+    q8 = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "auto"}}
+    model = keras.Sequential([keras.Input((3, 4)), nf.BatchNormalization(fixed_config={"weight": q8, "activation": q8})])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    bn = model.layers[0]
+    cache = bn._nf_scale_shift_cache
+    x = (rng.standard_normal((8, 3, 4)) * 3 + 1).astype(np.float32)
+    y = rng.standard_normal((8, 3, 4)).astype(np.float32)
+
+    def uncached():
+        with tf.GradientTape():  # a recording tape: computed afresh, through the plain ops
+            return bn(x, training=False).numpy()
+
+    first = model.predict_on_batch(x)
+    assert bool(cache.current.numpy())
+    np.testing.assert_array_equal(first, uncached())
+    np.testing.assert_array_equal(model.predict_on_batch(x), first)  # from the copies
+
+    writes = [  # (write, whether the output changes)
+        (lambda: model.train_on_batch(x, y), True),  # moving statistics, gamma and beta move
+        (lambda: bn.moving_variance.assign(bn.moving_variance * 4.0), True),
+        (lambda: bn.moving_mean.assign(bn.moving_mean - 0.5), True),
+        (lambda: bn.gamma.assign(bn.gamma * -2.0), True),
+        (lambda: bn.fixed_points["beta"].data_scale.assign(-3), False),  # auto: recomputed, same value
+        (lambda: model.set_weights([w * 0.5 for w in model.get_weights()]), True),
+    ]
+    before = first
+    for write, changes in writes:
+        model.predict_on_batch(x)
+        write()
+        assert not bool(cache.current.numpy())
+        got = model.predict_on_batch(x)
+        assert bool(cache.current.numpy())
+        np.testing.assert_array_equal(got, uncached())
+        assert np.array_equal(got, before) != changes
+        before = got

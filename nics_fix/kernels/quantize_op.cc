@@ -713,15 +713,39 @@ inline double QuantizeOneDouble(double t, const DoubleGrid& g, int64_t* outside)
   return out * g.step;
 }
 
-// Rows of C channels: y = quantize(t); with track, the max and min of float(t)
-// (non-NaN) go into *mx/*mn. Returns the number of t that are NaN or clipped.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// vroundpd: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
+__attribute__((target("avx2"))) inline DoubleLanes<4>::Doubles RoundAvx(DoubleLanes<4>::Doubles s) {
+  return (DoubleLanes<4>::Doubles)_mm256_round_pd((__m256d)s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
+// Round half to even in double lanes, for |s| <= 2^52, keeping the sign: one
+// vroundpd on AVX2, else adding and subtracting 2^52 to |s|.
 template <int N>
+NF_INLINE typename DoubleLanes<N>::Doubles RoundHalfEvenDouble(typename DoubleLanes<N>::Doubles s) {
+  typedef typename DoubleLanes<N>::Doubles Doubles;
+  typedef typename DoubleLanes<N>::Longs Longs;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if constexpr (N == 4) return RoundAvx(s);  // only ever inlined into the target("avx2") functions
+#endif
+  const Longs sign_bit = Longs{} + static_cast<int64_t>(0x8000000000000000ull);
+  const Longs sign = (Longs)s & sign_bit;
+  const Doubles magnitude = (Doubles)((Longs)s & ~sign_bit);
+  const Doubles magic = Doubles{} + 4503599627370496.0;  // 2^52
+  const Doubles rounded = (magnitude + magic) - magic;
+  return (Doubles)((Longs)rounded | sign);
+}
+
+// Rows of C channels, t = double(x) * a + shift: with kWrite, y = quantize(t);
+// with kTrack, the max and min of float(t) (non-NaN) go into *mx/*mn. Returns
+// nonzero when a t is NaN or clipped (with kWrite).
+template <int N, bool kTrack, bool kWrite>
 NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_t C, const double* a,
-                                  const double* shift, const DoubleGrid& g, bool track, float* mx, float* mn) {
+                                  const double* shift, const DoubleGrid& g, float* mx, float* mn) {
   typedef typename DoubleLanes<N>::Doubles Doubles;
   typedef typename DoubleLanes<N>::Longs Longs;
   typedef typename DoubleLanes<N>::Floats Floats;
-  const Longs sign_bit = Longs{} + static_cast<int64_t>(0x8000000000000000ull);
   const Doubles lo = Doubles{} + g.low, hi = Doubles{} + g.high, step = Doubles{} + g.step,
                 inv = Doubles{} + g.inv_step;
   Floats fmx = Floats{} + *mx, fmn = Floats{} + *mn;
@@ -739,56 +763,68 @@ NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_
       std::memcpy(&sv, shift + c, sizeof(sv));
       Doubles t = __builtin_convertvector(xf, Doubles) * av;
       t = t + sv;
-      if (track) {
+      if constexpr (kTrack) {
         const Floats ft = __builtin_convertvector(t, Floats);
         fmx = ft > fmx ? ft : fmx;
         fmn = ft < fmn ? ft : fmn;
       }
-      outside -= ~((t >= lo) & (t <= hi));
-      Doubles k = t < lo ? lo : t;
-      k = k > hi ? hi : k;
-      const Doubles s = k * inv;
-      const Longs sign = (Longs)s & sign_bit;
-      const Doubles magic = (Doubles)((Longs{} + 0x4330000000000000ll) | sign);
-      const Doubles rounded = (s + magic) - magic;
-      const Doubles q = (Doubles)(((Longs)rounded & ~sign_bit) | sign) * step;
-      const Floats qf = __builtin_convertvector(q, Floats);
-      std::memcpy(out + c, &qf, sizeof(qf));
+      if constexpr (kWrite) {
+        Doubles k = t < lo ? lo : t;
+        k = k > hi ? hi : k;
+        outside |= (Longs)(k != t);  // also NaN
+        const Doubles q = RoundHalfEvenDouble<N>(k * inv) * step;  // k * inv: exact, |.| <= 2^23
+        const Floats qf = __builtin_convertvector(q, Floats);
+        std::memcpy(out + c, &qf, sizeof(qf));
+      }
     }
     for (; c < C; ++c) {
       double t = static_cast<double>(row[c]) * a[c];
       t = t + shift[c];
-      if (track) {
+      if constexpr (kTrack) {
         const float ft = static_cast<float>(t);
         *mx = ft > *mx ? ft : *mx;
         *mn = ft < *mn ? ft : *mn;
       }
-      out[c] = static_cast<float>(QuantizeOneDouble(t, g, &total));
+      if constexpr (kWrite) out[c] = static_cast<float>(QuantizeOneDouble(t, g, &total));
     }
   }
   for (int k = 0; k < N; ++k) {
-    total += outside[k];
+    total |= outside[k] != 0;
     *mx = fmx[k] > *mx ? fmx[k] : *mx;
     *mn = fmn[k] < *mn ? fmn[k] : *mn;
   }
   return total;
 }
 
+// The three forms the op runs: extremes only, quantize only, both in one pass.
+enum class ScaleShiftPass { kExtremes, kQuantize, kBoth };
+
+template <int N>
+NF_INLINE int64_t RowsScaleShiftPass(ScaleShiftPass pass, const float* x, float* y, int64_t rows, int64_t C,
+                                     const double* a, const double* shift, const DoubleGrid& g, float* mx,
+                                     float* mn) {
+  switch (pass) {
+    case ScaleShiftPass::kExtremes: return RowsScaleShiftN<N, true, false>(x, y, rows, C, a, shift, g, mx, mn);
+    case ScaleShiftPass::kQuantize: return RowsScaleShiftN<N, false, true>(x, y, rows, C, a, shift, g, mx, mn);
+    default: return RowsScaleShiftN<N, true, true>(x, y, rows, C, a, shift, g, mx, mn);
+  }
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("avx2"))) int64_t RowsScaleShiftAvx2(const float* x, float* y, int64_t rows, int64_t C,
-                                                           const double* a, const double* shift,
-                                                           const DoubleGrid& g, bool track, float* mx,
+__attribute__((target("avx2"))) int64_t RowsScaleShiftAvx2(ScaleShiftPass pass, const float* x, float* y,
+                                                           int64_t rows, int64_t C, const double* a,
+                                                           const double* shift, const DoubleGrid& g, float* mx,
                                                            float* mn) {
-  return RowsScaleShiftN<4>(x, y, rows, C, a, shift, g, track, mx, mn);
+  return RowsScaleShiftPass<4>(pass, x, y, rows, C, a, shift, g, mx, mn);
 }
 #endif
 
-int64_t RowsScaleShift(const float* x, float* y, int64_t rows, int64_t C, const double* a, const double* shift,
-                       const DoubleGrid& g, bool track, float* mx, float* mn, bool portable) {
+int64_t RowsScaleShift(ScaleShiftPass pass, const float* x, float* y, int64_t rows, int64_t C, const double* a,
+                       const double* shift, const DoubleGrid& g, float* mx, float* mn, bool portable) {
 #ifdef __x86_64__
-  if (!portable && HasAvx2()) return RowsScaleShiftAvx2(x, y, rows, C, a, shift, g, track, mx, mn);
+  if (!portable && HasAvx2()) return RowsScaleShiftAvx2(pass, x, y, rows, C, a, shift, g, mx, mn);
 #endif
-  return RowsScaleShiftN<2>(x, y, rows, C, a, shift, g, track, mx, mn);
+  return RowsScaleShiftPass<2>(pass, x, y, rows, C, a, shift, g, mx, mn);
 }
 
 class ScaleShiftQuantizeOp : public FusedQuantizeKernel {
@@ -804,10 +840,11 @@ class ScaleShiftQuantizeOp : public FusedQuantizeKernel {
                 tensorflow::errors::InvalidArgument("a and c must hold one value per channel (", C, ")"));
     OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(ctx->input(3).shape()),
                 tensorflow::errors::InvalidArgument("scale must be a scalar"));
-    Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input.shape(), &output));
+    Tensor* output = nullptr;  // the input's buffer where no other op reads it, as above
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, input.shape(), &output));
     const float* x = input.flat<float>().data();
     float* y = output->flat<float>().data();
+    const bool in_place = x == y;
     std::vector<double> a(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       a[c] = ctx->input(1).flat<float>()(c);
@@ -818,17 +855,21 @@ class ScaleShiftQuantizeOp : public FusedQuantizeKernel {
     std::vector<int64_t> outside(shards.count, 0);
     std::vector<float> mx(shards.count, -std::numeric_limits<float>::infinity());
     std::vector<float> mn(shards.count, std::numeric_limits<float>::infinity());
-    auto run = [&](const DoubleGrid& grid, bool track) {
+    auto run = [&](const DoubleGrid& grid, ScaleShiftPass pass) {
       ForShards(ctx, shards.count, 4 * shards.cost, [&](int64_t s) {  // double lanes: about 4x the work
         const auto span = shards.ShardRows(s);
-        outside[s] = RowsScaleShift(x + span.first * C, y + span.first * C, span.second, C, a.data(),
-                                    shift.data(), grid, track, &mx[s], &mn[s], portable_);
+        const int64_t o = RowsScaleShift(pass, x + span.first * C, y + span.first * C, span.second, C, a.data(),
+                                         shift.data(), grid, &mx[s], &mn[s], portable_);
+        if (pass != ScaleShiftPass::kExtremes) outside[s] = o;
       });
     };
     const int guess = Clamped(ctx->input(3).scalar<int32_t>()());
     int scale = guess;
-    run(DoubleGrid(guess, bit_width_), auto_scale_);  // in auto mode the scale is a guess, as above
-    if (auto_scale_) {
+    // In auto mode the scale is a guess, as above; in place, the extremes come first.
+    if (!auto_scale_) {
+      run(DoubleGrid(guess, bit_width_), ScaleShiftPass::kQuantize);
+    } else {
+      run(DoubleGrid(guess, bit_width_), in_place ? ScaleShiftPass::kExtremes : ScaleShiftPass::kBoth);
       float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < shards.count; ++s) {
         hi = std::max(hi, mx[s]);
@@ -845,7 +886,7 @@ class ScaleShiftQuantizeOp : public FusedQuantizeKernel {
         }
       }
       scale = CeilLog2Clamped(m);
-      if (scale != guess) run(DoubleGrid(scale, bit_width_), false);
+      if (in_place || scale != guess) run(DoubleGrid(scale, bit_width_), ScaleShiftPass::kQuantize);
     }
     int64_t total = 0;
     for (int64_t o : outside) total += o;

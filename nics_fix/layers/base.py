@@ -160,6 +160,10 @@ class FixedLayer(ScopedLayer):
             self._nf_points["activation"] = FixedPoint(
                 self, "activation", "activation", config, strategy, shape=shape)
 
+    def evaluation_caches(self) -> list:
+        """The :class:`~nics_fix.weight_cache.EvaluationCache` objects of this layer (its weights' quantized copies)."""
+        return [p.eval_cache for p in self._nf_points.values() if p.eval_cache is not None]
+
     def _nf_channel_axis(self, key: str, variable) -> int:
         """The output-channel axis of weight ``key``: the last one, but a depthwise
         kernel ``(kh, kw, in, multiplier)`` has one output channel per input channel

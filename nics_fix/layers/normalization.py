@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from nics_fix.layers.base import FixedLayer, _as_training_flag, substitutable
 from nics_fix.quant import auto_scale, fixed_point_quantize
+from nics_fix.weight_cache import EvaluationCache
 
 #: Bits of the evaluation-mode multiplier ``gamma / sqrt(var + eps)`` (per-tensor power-of-two scale).
 MULTIPLIER_BITS = 16
@@ -43,6 +44,26 @@ class BatchNormalization(FixedLayer, keras.layers.BatchNormalization):
         """True when evaluation runs the quantized scale-and-shift."""
         return self._nf_config.weight.data.mode(False) != "none"
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        # The multiplier and offset depend on the weights and moving statistics
+        # only: evaluation keeps them between batches, as it keeps quantized weights.
+        object.__setattr__(self, "_nf_scale_shift_cache", self._scale_shift_cache())
+
+    def _scale_shift_cache(self):
+        weights = [p for key, p in self._nf_points.items() if key != "activation"]
+        if (not self.integer_evaluation or self.compute_dtype != "float32"
+                or any(p.eval_cache is None for p in weights)):
+            return None  # strategies, dynamic or none modes: computed at every call
+        watched = [self.moving_mean, self.moving_variance]
+        watched += [v for p in weights for v in (p.eval_cache.variable, p.data_scale)]
+        channels = tuple(self.moving_mean.shape)
+        return EvaluationCache(watched=watched, shapes=(channels, channels))
+
+    def evaluation_caches(self) -> list:
+        cache = self.__dict__.get("_nf_scale_shift_cache")
+        return super().evaluation_caches() + ([cache] if cache is not None else [])
+
     def scale_and_shift(self):
         """``((a, a_bits, a_scale), (c, c_bits, c_scale))``: the quantized evaluation multiplier
         and offset (float32 tensors on their grids) with their formats."""
@@ -58,9 +79,15 @@ class BatchNormalization(FixedLayer, keras.layers.BatchNormalization):
         return tuple(out)
 
     def call(self, inputs, training=None, mask=None):
+        cache = self.__dict__.get("_nf_scale_shift_cache")
         if _as_training_flag(training) or not self.integer_evaluation:
+            if cache is not None and _as_training_flag(training):
+                cache.invalidate()  # the moving statistics move
             return super().call(inputs, training=training, mask=mask)
-        (a, _, _), (c, _, _) = self.scale_and_shift()
+        if cache is not None:
+            a, c = cache.quantized(lambda: tuple(value for value, _, _ in self.scale_and_shift()))
+        else:
+            (a, _, _), (c, _, _) = self.scale_and_shift()
         point = self._nf_points.get("activation")
         rank = len(inputs.shape)
         if point is not None and self.axis % rank == rank - 1:
