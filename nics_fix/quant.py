@@ -343,11 +343,14 @@ def _fused_kernel_allowed() -> bool:
     (``jit_compile=True``), under XLA auto-clustering and where any
     accelerator is visible. There the plain ops are used; XLA fuses them anyway.
     """
-    if _in_xla_context() is not False:
-        return False
-    if tf.config.optimizer.get_jit() or "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
-        return False
-    return _only_cpu_devices()
+    return not _may_compile_with_xla() and _only_cpu_devices()
+
+
+def _may_compile_with_xla() -> bool:
+    """True while tracing for XLA (``jit_compile=True``), under XLA auto-clustering, or
+    where TensorFlow cannot tell."""
+    return (_in_xla_context() is not False or bool(tf.config.optimizer.get_jit())
+            or "auto_jit" in os.environ.get("TF_XLA_FLAGS", ""))
 
 
 def _in_xla_context():

@@ -20,9 +20,13 @@ The copy is dropped (marked stale; the next evaluation call recomputes it) by:
   a ``tf.function``.
 
 A write that bypasses Keras, on the raw ``tf.Variable`` behind a weight
-(``layer.kernel.value.assign(...)``, ``tf.train.Checkpoint.restore``), is not
-seen: call :func:`clear_weight_caches` after one. Under a distribution
-strategy nothing is cached.
+(``layer.kernel.value.assign(...)``, ``tf.train.Checkpoint.restore``, and
+Keras' own exponential moving average: ``use_ema=True`` optimizers at the end
+of ``fit`` and the ``SwapEMAWeights`` callback), is not seen: call
+:func:`clear_weight_caches` after one. Under a distribution strategy nothing
+is cached. BatchNormalization keeps its evaluation multiplier and offset the
+same way (they depend on gamma, beta and the moving statistics only), except
+under XLA, whose arithmetic rounds them differently.
 
 >>> import keras, numpy as np, nics_fix as nf
 >>> q8 = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"}}

@@ -288,6 +288,18 @@ def test_without_the_kernel_everything_runs_on_the_plain_ops(tmp_path, env, says
         assert "fused quantize kernel: building" in done.stderr  # the warning names the failure once
 
 
+@needs_kernel
+def test_the_kernel_loads_first_inside_a_distribution_strategy_scope():
+    # its self-check makes variables: they must not become mirrored ones
+    done = run_python("""
+        import tensorflow as tf
+        with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+            from nics_fix import kernels
+            print("STATUS", kernels.status())
+    """)
+    assert f"STATUS loaded {kernels.library_path()}" in done.stdout, done.stdout + done.stderr
+
+
 def test_a_fresh_cache_builds_once_and_is_reused(tmp_path):
     if kernels.quantize_op() is None:
         pytest.skip(f"fused kernel not available: {kernels.status()}")

@@ -164,21 +164,32 @@ def _op_types(model, x) -> set:
     return {op.type for op in graph.get_operations()}
 
 
+LAYERS = {  # name: (bit width, input shape, layer builder); 12 channels: the 8 lanes and a tail
+    "dense-5bit": (5, (7,), lambda cfg: nf.Dense(12, fixed_config=cfg)),
+    "dense-2bit": (2, (7,), lambda cfg: nf.Dense(12, fixed_config=cfg)),
+    "conv-24bit": (24, (6, 6, 3), lambda cfg: nf.Conv2D(12, 3, fixed_config=cfg)),
+}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("not_training", ["auto", "fixed", -1])
-def test_fused_copy_equals_the_cond_copy_in_values_scales_and_refreshes(rng, not_training, granularity):
+def test_fused_copy_equals_the_cond_copy_in_values_scales_and_refreshes(rng, not_training, granularity, layer):
     if kernels.cached_quantize_op() is None:
         pytest.skip(f"no fused kernel here: {kernels.status()}")
-    weight = {"data_config": {"bit_width": 5, "training": "auto", "not_training": not_training,
+    bits, input_shape, make = LAYERS[layer]
+    weight = {"data_config": {"bit_width": bits, "training": "auto", "not_training": not_training,
                               "granularity": granularity}}
-    x = rng.standard_normal((6, 7)).astype(np.float32)
+    x = rng.standard_normal((6, *input_shape)).astype(np.float32)
     weights = None
     models = {}
     for kind in ("fused", "cond"):
         with kernels.disabled() if kind == "cond" else contextlib.nullcontext():
-            model = keras.Sequential([keras.Input((7,)), nf.Dense(4, fixed_config={"weight": weight})])
+            model = keras.Sequential([keras.Input(input_shape), make({"weight": weight})])
             if weights is None:
-                weights = [rng.standard_normal(w.shape).astype(np.float32) for w in model.get_weights()]
+                weights = [(rng.standard_normal(w.shape) * 2.0 ** rng.integers(-6, 6, w.shape[-1])).astype(np.float32)
+                           if w.dtype == np.float32 and w.ndim else w for w in model.get_weights()]
+                weights[0].reshape(-1)[3] = np.inf  # an Inf weight: its channel's auto scale ignores it
             model.set_weights(weights)
             for key in ("kernel", "bias"):
                 point = model.layers[0].fixed_points[key]
@@ -205,6 +216,39 @@ def test_fused_copy_equals_the_cond_copy_in_values_scales_and_refreshes(rng, not
                 for a, b in zip(fused, got):
                     np.testing.assert_array_equal(a, b)
     assert bool(models["fused"].layers[0].fixed_points["kernel"].eval_cache.current.numpy())
+
+
+@pytest.mark.parametrize("scale, center", [(True, True), (False, False)])
+def test_batch_normalization_without_gamma_or_beta_caches_its_multiplier_and_offset(rng, scale, center):
+    q8 = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "fixed"}}
+    bn = nf.BatchNormalization(scale=scale, center=center, fixed_config={"weight": q8, "activation": q8})
+    x = (rng.standard_normal((5, 6)) * 3 + 1).astype(np.float32)
+    bn(x, training=True)
+    bn.moving_variance.assign(rng.uniform(0.5, 4.0, 6).astype(np.float32))
+    with tf.GradientTape():
+        want = bn(x, training=False).numpy()
+    assert not bool(bn._nf_scale_shift_cache.current.numpy())
+    np.testing.assert_array_equal(bn(x, training=False).numpy(), want)
+    assert bool(bn._nf_scale_shift_cache.current.numpy())
+    np.testing.assert_array_equal(bn(x, training=False).numpy(), want)
+
+
+def test_a_batch_normalization_copy_made_under_xla_never_serves_the_cpu_ops(rng):
+    """XLA's rsqrt and products round differently: each path computes its own multiplier and offset."""
+    q8 = {"data_config": {"bit_width": 8, "training": "auto", "not_training": "auto"}}
+    model = keras.Sequential([keras.Input((256,)), nf.BatchNormalization(fixed_config={"weight": q8, "activation": q8})])
+    model.compile(loss="mse", jit_compile=True)
+    bn = model.layers[0]
+    bn.moving_variance.assign(rng.uniform(0.1, 9.0, 256).astype(np.float32))
+    bn.moving_mean.assign(rng.standard_normal(256).astype(np.float32))
+    bn.gamma.assign(rng.uniform(0.3, 3.0, 256).astype(np.float32))
+    x = (rng.standard_normal((4, 256)) * 3).astype(np.float32)
+    model.predict_on_batch(x)  # XLA: does not fill the copy
+    assert not bool(bn._nf_scale_shift_cache.current.numpy())
+    with tf.GradientTape():
+        want = bn(x, training=False).numpy()  # the CPU ops, afresh
+    np.testing.assert_array_equal(bn(x, training=False).numpy(), want)  # fills the copy on the CPU path
+    np.testing.assert_array_equal(bn(x, training=False).numpy(), want)
 
 
 def test_batch_normalization_keeps_its_multiplier_and_offset_until_weights_or_statistics_move(rng, cache_kind):

@@ -147,14 +147,15 @@ def _load():
             _build(compiler, path)
             built = True
         try:
-            library, mismatch = _load_checked(path)
+            library = _load_library(path)
         except Exception:  # noqa: BLE001 - a damaged or foreign cached library: build it again, once
             if built:
                 raise
             logger.warning("fused quantize kernel: %s does not load; building it again", path)
             path.unlink(missing_ok=True)
             _build(_compiler() or "g++", path)
-            library, mismatch = _load_checked(path)
+            library = _load_library(path)
+        mismatch = _checked(library)
     except _BuildError as err:
         return None, f"{err}: plain TensorFlow ops, same values, slower"
     except Exception as err:  # noqa: BLE001 - whatever fails, quantizing must go on, on the plain ops
@@ -170,18 +171,29 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _load_checked(path: Path):
-    """``(library, mismatch)``: the loaded ops and what their self-check found ('' when they match)."""
-    with tf.init_scope():  # eagerly, even when first asked for while a model is traced
+def _load_library(path: Path):
+    """The loaded ops (raises when the library does not load)."""
+    with tf.init_scope():
         library = tf.load_op_library(str(path))
         for name in OP_NAMES:
             if name not in _no_gradient_registered:
                 tf.no_gradient(name)  # gradients are the straight-through ones of nics_fix.quant
                 _no_gradient_registered.add(name)
-        return library, (_self_check(library.nics_fix_fixed_point_quantize)
-                         or _self_check_scale_shift(library.nics_fix_scale_shift_quantize)
-                         or _self_check_cached(library.nics_fix_cached_quantize,
-                                               library.nics_fix_fixed_point_quantize))
+        return library
+
+
+def _checked(library) -> str:
+    """What the ops' self-check found: '' when they match the plain ops. A check that
+    cannot run (whatever the reason) counts as a mismatch: the library is not used,
+    but it is not deleted either (it loaded; the cause may be the caller's context)."""
+    try:
+        with tf.init_scope():  # eagerly, even when first asked for while a model is traced
+            return (_self_check(library.nics_fix_fixed_point_quantize)
+                    or _self_check_scale_shift(library.nics_fix_scale_shift_quantize)
+                    or _self_check_cached(library.nics_fix_cached_quantize, library.nics_fix_fixed_point_quantize))
+    except Exception as err:  # noqa: BLE001
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        return f"the self-check failed: {type(err).__name__}: {first_line}"
 
 
 _no_gradient_registered: set = set()
@@ -244,6 +256,14 @@ def _self_check(op) -> str:
             if (int(scale) != int(fmt.scale) or bool(all_inside) != bool(inside)
                     or not _same_bits(got.numpy(), quant._plain_quantize(part, fmt, "nearest").numpy())):
                 return f"auto scale at {bit_width} bits"
+        # In place (the input's buffer becomes the output, as for an activation in a graph),
+        # with the guess right and wrong.
+        in_place = tf.function(lambda v, s, w=bit_width: op(tf.raw_ops.DeepCopy(x=v), s, bit_width=w,
+                                                             auto_scale=True)[0])
+        fmt, _ = quant._auto_format(x, bit_width)
+        for guess in (int(fmt.scale), int(fmt.scale) - 1):
+            if not _same_bits(in_place(x, guess).numpy(), quant._plain_quantize(x, fmt, "nearest").numpy()):
+                return f"auto scale in place at {bit_width} bits"
         rows = tf.reshape(x[:52], (4, 13)) * tf.constant(np.float32(2.0) ** np.arange(-6, 7), tf.float32)
         fmt, inside, scales = quant._grouped_auto_format(rows, bit_width, quant.ScaleGroups(1, 13))
         got, used, all_inside = op(rows, tf.zeros([13], tf.int32), bit_width=bit_width, auto_scale=True,
@@ -279,12 +299,16 @@ def _self_check_scale_shift(op) -> str:
 def _self_check_cached(op, quantize) -> str:
     """The cached-copy op: a stale copy is recomputed as the quantize op computes it (auto,
     given and constant scales), stored with its scales, and a current one is returned as it is."""
-    w = tf.Variable(np.float32([[0.3, -2.5, 7.75], [1e-3, -0.0, 3.0], [np.nan, 0.5, -6.0]]))
-    copy, current = tf.Variable(tf.zeros([3, 3])), tf.Variable(False)
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
+
+    # Plain resource variables: tf.Variable would follow a distribution strategy's
+    # scope (when the kernel is first loaded inside one) and have no single handle.
+    w = ResourceVariable(np.float32([[0.3, -2.5, 7.75], [1e-3, -0.0, 3.0], [np.nan, 0.5, -6.0]]))
+    copy, current = ResourceVariable(tf.zeros([3, 3])), ResourceVariable(False)
     for kwargs, stored in (({"auto_scale": True}, 0), ({"auto_scale": False}, 1),
                            ({"auto_scale": False, "use_constant": True, "constant_scale": -1}, 5),
                            ({"auto_scale": True, "per_channel": True}, [[0, 0, 0]])):
-        scale = tf.Variable(tf.constant(stored, tf.int32))
+        scale = ResourceVariable(tf.constant(stored, tf.int32))
         current.assign(False)
         per_channel = kwargs.get("per_channel", False)
         given = kwargs.get("constant_scale", tf.reshape(scale, [-1]) if per_channel else scale)

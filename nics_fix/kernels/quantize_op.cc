@@ -26,6 +26,7 @@
 #include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/platform/threadpool.h"
 
 namespace {
@@ -88,8 +89,10 @@ struct Extremes {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // vroundps: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
-__attribute__((target("avx2"))) inline Lanes<8>::Floats RoundAvx(Lanes<8>::Floats s) {
-  return (Lanes<8>::Floats)_mm256_round_ps((__m256)s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// Through pointers: clang refuses 256-bit vector arguments between functions
+// that disagree on AVX, even where the call is inlined in the end.
+__attribute__((target("avx2"))) inline void RoundAvx(const Lanes<8>::Floats* s, Lanes<8>::Floats* out) {
+  *out = (Lanes<8>::Floats)_mm256_round_ps((__m256)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 #endif
 
@@ -101,7 +104,11 @@ NF_INLINE typename Lanes<N>::Floats RoundHalfEven(typename Lanes<N>::Floats s) {
   typedef typename Lanes<N>::Floats Floats;
   typedef typename Lanes<N>::Ints Ints;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (N == 8) return RoundAvx(s);  // only ever inlined into the target("avx2") functions
+  if constexpr (N == 8) {  // only ever inlined into the target("avx2") functions
+    Floats out;
+    RoundAvx(&s, &out);
+    return out;
+  }
 #endif
   const Ints sign_bit = Ints{} + static_cast<int32_t>(0x80000000u);
   const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
@@ -187,13 +194,17 @@ NF_INLINE int64_t ChunkQuantizeN(const float* x, float* y, int64_t n, float low,
       std::memcpy(y + i, &q, sizeof(q));
     }
   }
-  if (kQuantize && i < n) {  // the tail, through the same lanes (zeros in the unused ones are inside)
-    Floats v = Splat<Floats>(0.0f);
-    for (int64_t k = i; k < n; ++k) v[k - i] = x[k];
-    const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step, &clipped);
-    outside |= clipped;
-    for (int64_t k = i; k < n; ++k) y[k] = q[k - i];
+  if constexpr (kQuantize) {
+    if (i < n) {  // the tail, through the same lanes (zeros in the unused ones are inside)
+      Floats v = Splat<Floats>(0.0f);
+      for (int64_t k = i; k < n; ++k) v[k - i] = x[k];
+      const Floats q = QuantizeLanes<N>(v, low, high, step, inv_step, &clipped);
+      outside |= clipped;
+      for (int64_t k = i; k < n; ++k) y[k] = q[k - i];
+    }
   }
+  // The tail's extremes read x after y was written: the fused form (both flags)
+  // never runs in place (the callers take the extremes-only form there).
   if constexpr (kExtremes) {
     Extremes out;
     for (int k = 0; k < N; ++k) {
@@ -656,7 +667,11 @@ class CachedQuantizeOp : public FixedPointQuantizeOp {
     if (var->tensor()->dtype() != dtype)
       return tensorflow::errors::InvalidArgument("a variable holds ", tensorflow::DataTypeString(var->tensor()->dtype()),
                                                  ", expected ", tensorflow::DataTypeString(dtype));
-    *out = *var->tensor();
+    if (var->copy_on_read_mode.load()) {  // sparse updates write it in place: read a copy, as ReadVariableOp does
+      *out = tensorflow::tensor::DeepCopy(*var->tensor());
+    } else {
+      *out = *var->tensor();
+    }
     return tensorflow::OkStatus();
   }
   // Replaces the variable's buffer (never writes into one a reader may hold).
@@ -715,8 +730,8 @@ inline double QuantizeOneDouble(double t, const DoubleGrid& g, int64_t* outside)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // vroundpd: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
-__attribute__((target("avx2"))) inline DoubleLanes<4>::Doubles RoundAvx(DoubleLanes<4>::Doubles s) {
-  return (DoubleLanes<4>::Doubles)_mm256_round_pd((__m256d)s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+__attribute__((target("avx2"))) inline void RoundAvx(const DoubleLanes<4>::Doubles* s, DoubleLanes<4>::Doubles* out) {
+  *out = (DoubleLanes<4>::Doubles)_mm256_round_pd((__m256d)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 #endif
 
@@ -727,7 +742,11 @@ NF_INLINE typename DoubleLanes<N>::Doubles RoundHalfEvenDouble(typename DoubleLa
   typedef typename DoubleLanes<N>::Doubles Doubles;
   typedef typename DoubleLanes<N>::Longs Longs;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (N == 4) return RoundAvx(s);  // only ever inlined into the target("avx2") functions
+  if constexpr (N == 4) {  // only ever inlined into the target("avx2") functions
+    Doubles out;
+    RoundAvx(&s, &out);
+    return out;
+  }
 #endif
   const Longs sign_bit = Longs{} + static_cast<int64_t>(0x8000000000000000ull);
   const Longs sign = (Longs)s & sign_bit;

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from nics_fix.layers.base import FixedLayer, _as_training_flag, substitutable
-from nics_fix.quant import auto_scale, fixed_point_quantize
+from nics_fix.quant import _may_compile_with_xla, auto_scale, fixed_point_quantize
 from nics_fix.weight_cache import EvaluationCache
 
 #: Bits of the evaluation-mode multiplier ``gamma / sqrt(var + eps)`` (per-tensor power-of-two scale).
@@ -84,7 +84,9 @@ class BatchNormalization(FixedLayer, keras.layers.BatchNormalization):
             if cache is not None and _as_training_flag(training):
                 cache.invalidate()  # the moving statistics move
             return super().call(inputs, training=training, mask=mask)
-        if cache is not None:
+        if cache is not None and not _may_compile_with_xla():
+            # Not under XLA: its rsqrt and products round differently from the CPU
+            # ops', so a copy made by one must not serve the other.
             a, c = cache.quantized(lambda: tuple(value for value, _, _ in self.scale_and_shift()))
         else:
             (a, _, _), (c, _, _) = self.scale_and_shift()
