@@ -3,9 +3,13 @@
 :mod:`nics_fix.quant` calls them for round-to-nearest with one scale per tensor
 or per channel of the last axis (2..24 bits, CPU, outside XLA): the auto
 scale's reduction, the quantize and the clip test then take one op and one or
-two passes over memory instead of about twenty TensorFlow ops; a second op
-fuses BatchNormalization's exact evaluation (float64 ``x * a + c``, quantized). Its values are those of the plain ops bit for bit
-(``tests/test_kernels.py``, ``benchmarks/quant_exactness.py``).
+two passes over memory instead of about twenty TensorFlow ops, written into
+the input's buffer where no other op reads it; a second op fuses
+BatchNormalization's exact evaluation (float64 ``x * a + c``, quantized); a
+third keeps a weight's quantized copy for evaluation
+(:mod:`nics_fix.weight_cache`), refreshing it in the same op when it is stale.
+Their values are those of the plain ops bit for bit (``tests/test_kernels.py``,
+``benchmarks/quant_exactness.py``).
 
 The op is compiled once per machine and TensorFlow install, with the C++
 compiler found as ``$CXX``, ``g++`` or ``c++`` and TensorFlow's own flags
