@@ -288,11 +288,13 @@ def test_four_workers_over_http_survive_a_killed_worker_and_a_server_outage_behi
         _poll(lambda: _training_trial_run(client, {str(w.pid) for w in live}), 1800, "a trial in training", live)
         stopped = time.time()
         server.stop()
+        # Who the outage hits: the workers alive when the server goes down (with faster
+        # training, all of them may end within the outage, retrying against it).
+        running_during_outage = [w for w in live if w.poll() is None]
         time.sleep(OUTAGE_S)
         restart = server.start()
         report["outage_s"] = round(time.time() - stopped, 1)
         report["server_restart_s"] = round(restart, 1)
-        running_during_outage = [w for w in live if w.poll() is None]
 
         # Fault 3 (full rehearsal): the artifact destination refuses one trial's model.
         blocked_trial = None
