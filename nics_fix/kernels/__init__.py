@@ -260,14 +260,6 @@ def _self_check(op) -> str:
             if (int(scale) != int(fmt.scale) or bool(all_inside) != bool(inside)
                     or not _same_bits(got.numpy(), quant._plain_quantize(part, fmt, "nearest").numpy())):
                 return f"auto scale at {bit_width} bits"
-        # In place (the input's buffer becomes the output, as for an activation in a graph),
-        # with the guess right and wrong.
-        in_place = tf.function(lambda v, s, w=bit_width: op(tf.raw_ops.DeepCopy(x=v), s, bit_width=w,
-                                                             auto_scale=True)[0])
-        fmt, _ = quant._auto_format(x, bit_width)
-        for guess in (int(fmt.scale), int(fmt.scale) - 1):
-            if not _same_bits(in_place(x, guess).numpy(), quant._plain_quantize(x, fmt, "nearest").numpy()):
-                return f"auto scale in place at {bit_width} bits"
         rows = tf.reshape(x[:52], (4, 13)) * tf.constant(np.float32(2.0) ** np.arange(-6, 7), tf.float32)
         fmt, inside, scales = quant._grouped_auto_format(rows, bit_width, quant.ScaleGroups(1, 13))
         got, used, all_inside = op(rows, tf.zeros([13], tf.int32), bit_width=bit_width, auto_scale=True,
@@ -275,6 +267,13 @@ def _self_check(op) -> str:
         if (not np.array_equal(used.numpy(), scales.numpy().reshape(-1)) or bool(all_inside) != bool(inside)
                 or not _same_bits(got.numpy(), quant._plain_quantize(rows, fmt, "nearest").numpy())):
             return f"per-channel scales at {bit_width} bits"
+    # In place (the input's buffer becomes the output, as for an activation in a
+    # graph), with the guess right and wrong: one trace, two calls.
+    in_place = tf.function(lambda v, s: op(tf.raw_ops.DeepCopy(x=v), s, bit_width=8, auto_scale=True)[0])
+    fmt, _ = quant._auto_format(x, 8)
+    for guess in (int(fmt.scale), int(fmt.scale) - 1):
+        if not _same_bits(in_place(x, tf.constant(guess)).numpy(), quant._plain_quantize(x, fmt, "nearest").numpy()):
+            return "auto scale in place"
     return ""
 
 
