@@ -35,6 +35,27 @@ def rng():
     return np.random.default_rng(1234)
 
 
+# MLflow's environment as the session found it. mlflow.set_tracking_uri/set_experiment also
+# export MLFLOW_TRACKING_URI/MLFLOW_EXPERIMENT_ID "so that subprocesses inherit them": a test
+# that points MLflow at its scratch store would otherwise send the next test's subprocesses
+# (README commands, jobs) to that store, on whichever worker happens to run them.
+_MLFLOW_ENV = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_leak():
+    yield
+    names = {key for key in os.environ if key.startswith("MLFLOW_")} | set(_MLFLOW_ENV)
+    changed = [key for key in names if os.environ.get(key) != _MLFLOW_ENV.get(key)]
+    # Only the environment: MLflow's in-process URI (which wins over it) stays with the
+    # module fixtures that set it for their tests and clear it when they finish.
+    for key in changed:
+        if key in _MLFLOW_ENV:
+            os.environ[key] = _MLFLOW_ENV[key]
+        else:
+            os.environ.pop(key, None)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     """Each test starts from the same seeds and a clean Keras name space."""
