@@ -63,10 +63,32 @@ int CeilLog2Clamped(float m) {  // ceil(log2(m)) for m clamped to [2^-94, 2^126]
 // Forced: a vector function must be compiled inside its target-specific caller.
 #define NF_INLINE inline __attribute__((always_inline))
 
+// What the lanes need of their element type: the integer of the same width
+// (for the sign bit) and 2^(mantissa bits), the number that rounds when added.
+template <typename T>
+struct Element;
+template <>
+struct Element<float> {
+  typedef int32_t Int;
+  static constexpr float kRoundingMagic = 8388608.0f;  // 2^23
+};
+template <>
+struct Element<double> {
+  typedef int64_t Int;
+  static constexpr double kRoundingMagic = 4503599627370496.0;  // 2^52
+};
+
+// N lanes of T, and the same-width integers their compares give.
+template <typename T, int N>
+struct Vec {
+  typedef T Values __attribute__((vector_size(sizeof(T) * N)));
+  typedef typename Element<T>::Int Ints __attribute__((vector_size(sizeof(T) * N)));
+};
+
 template <int N>
 struct Lanes {
-  typedef float Floats __attribute__((vector_size(4 * N)));
-  typedef int32_t Ints __attribute__((vector_size(4 * N)));
+  typedef typename Vec<float, N>::Values Floats;
+  typedef typename Vec<float, N>::Ints Ints;
 };
 
 template <typename V>
@@ -88,79 +110,75 @@ struct Extremes {
 };
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// vroundps: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
-// Through pointers: clang refuses 256-bit vector arguments between functions
-// that disagree on AVX, even where the call is inlined in the end.
-__attribute__((target("avx2"))) inline void RoundAvx(const Lanes<8>::Floats* s, Lanes<8>::Floats* out) {
-  *out = (Lanes<8>::Floats)_mm256_round_ps((__m256)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// vroundps/vroundpd: to nearest, ties to even, -0 kept, NaN kept, no
+// exception flags. Through pointers: clang refuses 256-bit vector arguments
+// between functions that disagree on AVX, even where the call is inlined.
+__attribute__((target("avx2"))) inline void RoundAvx(const Vec<float, 8>::Values* s, Vec<float, 8>::Values* out) {
+  *out = (Vec<float, 8>::Values)_mm256_round_ps((__m256)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+__attribute__((target("avx2"))) inline void RoundAvx(const Vec<double, 4>::Values* s, Vec<double, 4>::Values* out) {
+  *out = (Vec<double, 4>::Values)_mm256_round_pd((__m256d)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 #endif
 
-// Round half to even, lane by lane, for |s| <= 2^23, keeping the sign (-0.3
-// gives -0). The 8-lane (AVX2) form is one vroundps; the portable form adds
-// and subtracts 2^23 to |s|, which rounds ties to even in the default mode.
-template <int N>
-NF_INLINE typename Lanes<N>::Floats RoundHalfEven(typename Lanes<N>::Floats s) {
-  typedef typename Lanes<N>::Floats Floats;
-  typedef typename Lanes<N>::Ints Ints;
+// Round half to even, lane by lane, for |s| below 2^(mantissa bits), keeping
+// the sign (-0.3 gives -0). A 256-bit vector (only ever inlined into the
+// target("avx2") functions) is one vroundps/vroundpd; the portable form adds
+// and subtracts the magic number to |s|, which rounds ties to even in the
+// default mode. Every rounding in this file goes through here.
+template <typename T, int N>
+NF_INLINE typename Vec<T, N>::Values RoundHalfEven(typename Vec<T, N>::Values s) {
+  typedef typename Vec<T, N>::Values Values;
+  typedef typename Vec<T, N>::Ints Ints;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (N == 8) {  // only ever inlined into the target("avx2") functions
-    Floats out;
+  if constexpr (sizeof(Values) == 32) {
+    Values out;
     RoundAvx(&s, &out);
     return out;
   }
 #endif
-  const Ints sign_bit = Ints{} + static_cast<int32_t>(0x80000000u);
+  const Ints sign_bit = Ints{} + std::numeric_limits<typename Element<T>::Int>::min();
   const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
-  const Floats magnitude = (Floats)((Ints)s & ~sign_bit);
-  const Floats magic = Splat<Floats>(8388608.0f);
-  const Floats rounded = (magnitude + magic) - magic;
-  return (Floats)((Ints)rounded | sign);
+  const Values magnitude = (Values)((Ints)s & ~sign_bit);
+  const Values magic = Values{} + Element<T>::kRoundingMagic;
+  const Values rounded = (magnitude + magic) - magic;
+  return (Values)((Ints)rounded | sign);
 }
 
 // round_half_even(clip(v, lo, hi) * inv_step) * step, lane by lane; NaN stays
 // NaN (its compares are false) and -0 stays -0 (the sign is put back).
 // ``clipped`` is set to all ones in the lanes that are NaN or were clipped.
-template <int N>
-NF_INLINE typename Lanes<N>::Floats QuantizeLanesV(typename Lanes<N>::Floats v, typename Lanes<N>::Floats lo,
-                                                typename Lanes<N>::Floats hi, typename Lanes<N>::Floats step,
-                                                typename Lanes<N>::Floats inv_step,
-                                                typename Lanes<N>::Ints* clipped) {
-  typedef typename Lanes<N>::Floats Floats;
-  Floats c = v < lo ? lo : v;
+template <typename T, int N>
+NF_INLINE typename Vec<T, N>::Values QuantizeLanesV(typename Vec<T, N>::Values v, typename Vec<T, N>::Values lo,
+                                                 typename Vec<T, N>::Values hi, typename Vec<T, N>::Values step,
+                                                 typename Vec<T, N>::Values inv_step,
+                                                 typename Vec<T, N>::Ints* clipped) {
+  typedef typename Vec<T, N>::Values Values;
+  Values c = v < lo ? lo : v;
   c = c > hi ? hi : c;
   *clipped = c != v;  // also NaN: it never equals itself
-  const Floats s = c * inv_step;  // exact: a power of two, and |s| <= 2^23
-  return RoundHalfEven<N>(s) * step;
+  const Values s = c * inv_step;  // exact: a power of two, and |s| <= 2^23
+  return RoundHalfEven<T, N>(s) * step;
 }
 
 template <int N>
 NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, float low, float high,
                                                float step, float inv_step, typename Lanes<N>::Ints* clipped) {
   typedef typename Lanes<N>::Floats Floats;
-  return QuantizeLanesV<N>(v, Splat<Floats>(low), Splat<Floats>(high), Splat<Floats>(step),
-                           Splat<Floats>(inv_step), clipped);
+  return QuantizeLanesV<float, N>(v, Splat<Floats>(low), Splat<Floats>(high), Splat<Floats>(step),
+                                  Splat<Floats>(inv_step), clipped);
 }
 
-// The same for one element (the channels left over after the full lanes of a row).
-inline float QuantizeOne(float v, float low, float high, float step, float inv_step, int64_t* outside) {
-  *outside += !(v >= low && v <= high);
-  float c = v < low ? low : v;
-  c = c > high ? high : c;
-  const float s = c * inv_step;
-  uint32_t sign;
-  std::memcpy(&sign, &s, sizeof(sign));
-  sign &= 0x80000000u;
-  const uint32_t magic_bits = 0x4B000000u | sign;
-  float magic;
-  std::memcpy(&magic, &magic_bits, sizeof(magic));
-  const float rounded = (s + magic) - magic;
-  uint32_t r;
-  std::memcpy(&r, &rounded, sizeof(r));
-  r = (r & 0x7FFFFFFFu) | sign;
-  float out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out * step;
+// The same for one element (the channels left over after the full lanes of a
+// row), through one lane; ``outside`` counts it when it is NaN or clipped.
+template <typename T>
+NF_INLINE T QuantizeOne(T v, T low, T high, T step, T inv_step, int64_t* outside) {
+  typedef typename Vec<T, 1>::Values One;
+  typename Vec<T, 1>::Ints clipped;
+  // Braces, not One{} + v: adding to a zero lane would turn -0 into +0.
+  const One q = QuantizeLanesV<T, 1>(One{v}, One{low}, One{high}, One{step}, One{inv_step}, &clipped);
+  *outside += clipped[0] != 0;
+  return q[0];
 }
 
 // Any lane set in ``mask`` (all ones or zero per lane), as 0 or 1.
@@ -260,9 +278,9 @@ NF_INLINE int64_t RowsQuantizeN(const float* x, float* y, int64_t rows, int64_t 
     float* out = y + r * C;
     int64_t c = 0;
     for (; c + N <= C; c += N) {
-      const Floats q = QuantizeLanesV<N>(Load<Floats>(row + c), Load<Floats>(g.low.data() + c),
-                                         Load<Floats>(g.high.data() + c), Load<Floats>(g.step.data() + c),
-                                         Load<Floats>(g.inv_step.data() + c), &clipped);
+      const Floats q = QuantizeLanesV<float, N>(Load<Floats>(row + c), Load<Floats>(g.low.data() + c),
+                                                Load<Floats>(g.high.data() + c), Load<Floats>(g.step.data() + c),
+                                                Load<Floats>(g.inv_step.data() + c), &clipped);
       outside |= clipped;
       std::memcpy(out + c, &q, sizeof(q));
     }
@@ -692,9 +710,9 @@ class CachedQuantizeOp : public FixedPointQuantizeOp {
 // stored as float (exact: on the grid of at most 24 bits).
 template <int N>
 struct DoubleLanes {
-  typedef double Doubles __attribute__((vector_size(8 * N)));
-  typedef int64_t Longs __attribute__((vector_size(8 * N)));
-  typedef float Floats __attribute__((vector_size(4 * N)));
+  typedef typename Vec<double, N>::Values Doubles;
+  typedef typename Vec<double, N>::Ints Longs;
+  typedef typename Vec<float, N>::Values Floats;
 };
 
 struct DoubleGrid {
@@ -707,54 +725,6 @@ struct DoubleGrid {
   }
   double low, high, step, inv_step;
 };
-
-inline double QuantizeOneDouble(double t, const DoubleGrid& g, int64_t* outside) {
-  *outside += !(t >= g.low && t <= g.high);
-  double c = t < g.low ? g.low : t;
-  c = c > g.high ? g.high : c;
-  const double s = c * g.inv_step;  // exact, and |s| <= 2^23
-  uint64_t sign;
-  std::memcpy(&sign, &s, sizeof(sign));
-  sign &= 0x8000000000000000ull;
-  const uint64_t magic_bits = 0x4330000000000000ull | sign;  // +-2^52
-  double magic;
-  std::memcpy(&magic, &magic_bits, sizeof(magic));
-  const double rounded = (s + magic) - magic;
-  uint64_t r;
-  std::memcpy(&r, &rounded, sizeof(r));
-  r = (r & 0x7FFFFFFFFFFFFFFFull) | sign;
-  double out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out * g.step;
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// vroundpd: to nearest, ties to even, -0 kept, NaN kept, no exception flags.
-__attribute__((target("avx2"))) inline void RoundAvx(const DoubleLanes<4>::Doubles* s, DoubleLanes<4>::Doubles* out) {
-  *out = (DoubleLanes<4>::Doubles)_mm256_round_pd((__m256d)*s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-#endif
-
-// Round half to even in double lanes, for |s| <= 2^52, keeping the sign: one
-// vroundpd on AVX2, else adding and subtracting 2^52 to |s|.
-template <int N>
-NF_INLINE typename DoubleLanes<N>::Doubles RoundHalfEvenDouble(typename DoubleLanes<N>::Doubles s) {
-  typedef typename DoubleLanes<N>::Doubles Doubles;
-  typedef typename DoubleLanes<N>::Longs Longs;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if constexpr (N == 4) {  // only ever inlined into the target("avx2") functions
-    Doubles out;
-    RoundAvx(&s, &out);
-    return out;
-  }
-#endif
-  const Longs sign_bit = Longs{} + static_cast<int64_t>(0x8000000000000000ull);
-  const Longs sign = (Longs)s & sign_bit;
-  const Doubles magnitude = (Doubles)((Longs)s & ~sign_bit);
-  const Doubles magic = Doubles{} + 4503599627370496.0;  // 2^52
-  const Doubles rounded = (magnitude + magic) - magic;
-  return (Doubles)((Longs)rounded | sign);
-}
 
 // Rows of C channels, t = double(x) * a + shift: with kWrite, y = quantize(t);
 // with kTrack, the max and min of float(t) (non-NaN) go into *mx/*mn. Returns
@@ -788,10 +758,9 @@ NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_
         fmn = ft < fmn ? ft : fmn;
       }
       if constexpr (kWrite) {
-        Doubles k = t < lo ? lo : t;
-        k = k > hi ? hi : k;
-        outside |= (Longs)(k != t);  // also NaN
-        const Doubles q = RoundHalfEvenDouble<N>(k * inv) * step;  // k * inv: exact, |.| <= 2^23
+        Longs clipped;
+        const Doubles q = QuantizeLanesV<double, N>(t, lo, hi, step, inv, &clipped);
+        outside |= clipped;
         const Floats qf = __builtin_convertvector(q, Floats);
         std::memcpy(out + c, &qf, sizeof(qf));
       }
@@ -804,7 +773,9 @@ NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_
         *mx = ft > *mx ? ft : *mx;
         *mn = ft < *mn ? ft : *mn;
       }
-      if constexpr (kWrite) out[c] = static_cast<float>(QuantizeOneDouble(t, g, &total));
+      if constexpr (kWrite) {
+        out[c] = static_cast<float>(QuantizeOne<double>(t, g.low, g.high, g.step, g.inv_step, &total));
+      }
     }
   }
   for (int k = 0; k < N; ++k) {
