@@ -35,11 +35,25 @@ def level_from_env(value: str | None) -> int:
     return LEVELS[key]
 
 
+class _UnlessTheRootPrints(logging.Filter):
+    """Lets a record through only where the application has not set up logging itself.
+
+    A script that never configures logging still sees nics_fix's warnings; where
+    the root logger has handlers (a Hydra job: console and the job's log file),
+    the record reaches them by propagation, and printing it here too would show
+    every line twice.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (logger.propagate and logging.getLogger().handlers)
+
+
 def configure_from_env() -> None:
     logger.setLevel(level_from_env(os.environ.get("NICS_FIX_LOGLEVEL")))
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[nics_fix %(levelname)s] %(message)s"))
+        handler.addFilter(_UnlessTheRootPrints())
         logger.addHandler(handler)
 
 

@@ -391,6 +391,26 @@ def test_configure_from_env_sets_the_package_logger_level(monkeypatch):
         logger.setLevel(old)
 
 
+def test_a_warning_prints_once_whether_or_not_the_application_set_up_logging():
+    """Alone, the package handler prints it; under a root handler (as in a Hydra job) only that one does."""
+    import io
+
+    logger, root = logging.getLogger("nics_fix"), logging.getLogger()
+    (handler,) = logger.handlers
+    ours, theirs = io.StringIO(), io.StringIO()
+    saved_stream, saved_root = handler.setStream(ours), root.handlers[:]
+    try:
+        root.handlers = []
+        logger.warning("alone")
+        root.handlers = [logging.StreamHandler(theirs)]
+        logger.warning("under a root handler")
+    finally:
+        handler.setStream(saved_stream)
+        root.handlers = saved_root
+    assert ours.getvalue() == "[nics_fix WARNING] alone\n"
+    assert theirs.getvalue() == "under a root handler\n"
+
+
 def test_each_point_logs_its_resolved_config_at_info(caplog, fix8):
     cfg = {"by_name": {"dense1": {"weight": fix8["weight"]}}}
     with caplog.at_level(logging.WARNING, logger="nics_fix"):
