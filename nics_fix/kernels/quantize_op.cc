@@ -98,12 +98,15 @@ NF_INLINE V Load(const float* p) {
   return v;
 }
 
-// Every lane set to f, bit for bit (V{} + f would turn -0 into +0).
-template <typename V, typename T>
-NF_INLINE V Splat(T f) {
-  V v;
-  for (int k = 0; k < static_cast<int>(sizeof(V) / sizeof(v[0])); ++k) v[k] = f;
-  return v;
+// Every lane set to f, for the format's constants (bounds, steps, +-Inf):
+// never -0, which adding to zero lanes would turn into +0. Data lanes are
+// loaded or set one by one. GCC makes this one add and one broadcast outside
+// the loops; exact forms (f - V{}, a loop over the lanes) rebuilt the
+// vectors inside them.
+template <typename V>
+NF_INLINE V Splat(float f) {
+  V v = {};
+  return v + f;
 }
 
 struct Extremes {
@@ -139,10 +142,10 @@ NF_INLINE typename Vec<T, N>::Values RoundHalfEven(typename Vec<T, N>::Values s)
     return out;
   }
 #endif
-  const Ints sign_bit = Splat<Ints>(std::numeric_limits<typename Element<T>::Int>::min());
+  const Ints sign_bit = Ints{} + std::numeric_limits<typename Element<T>::Int>::min();
   const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
   const Values magnitude = (Values)((Ints)s & ~sign_bit);
-  const Values magic = Splat<Values>(Element<T>::kRoundingMagic);
+  const Values magic = Values{} + Element<T>::kRoundingMagic;
   const Values rounded = (magnitude + magic) - magic;
   return (Values)((Ints)rounded | sign);
 }
@@ -177,8 +180,8 @@ template <typename T>
 NF_INLINE T QuantizeOne(T v, T low, T high, T step, T inv_step, int64_t* outside) {
   typedef typename Vec<T, 1>::Values One;
   typename Vec<T, 1>::Ints clipped;
-  const One q = QuantizeLanesV<T, 1>(Splat<One>(v), Splat<One>(low), Splat<One>(high), Splat<One>(step),
-                                     Splat<One>(inv_step), &clipped);
+  // Braces, not One{} + v: adding to a zero lane would turn -0 into +0.
+  const One q = QuantizeLanesV<T, 1>(One{v}, One{low}, One{high}, One{step}, One{inv_step}, &clipped);
   *outside += clipped[0] != 0;
   return q[0];
 }
@@ -737,9 +740,9 @@ NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_
   typedef typename DoubleLanes<N>::Doubles Doubles;
   typedef typename DoubleLanes<N>::Longs Longs;
   typedef typename DoubleLanes<N>::Floats Floats;
-  const Doubles lo = Splat<Doubles>(g.low), hi = Splat<Doubles>(g.high), step = Splat<Doubles>(g.step),
-                inv = Splat<Doubles>(g.inv_step);
-  Floats fmx = Splat<Floats>(*mx), fmn = Splat<Floats>(*mn);
+  const Doubles lo = Doubles{} + g.low, hi = Doubles{} + g.high, step = Doubles{} + g.step,
+                inv = Doubles{} + g.inv_step;
+  Floats fmx = Floats{} + *mx, fmn = Floats{} + *mn;
   Longs outside = Longs{};
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
