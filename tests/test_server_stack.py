@@ -45,8 +45,9 @@ from tests.conftest import REPO, postgres_role
 FULL = os.environ.get("NICS_FIX_FULL_REHEARSAL") == "1"
 N_TRIALS = 4 if FULL else 2      # per worker
 OUTAGE_S = 20 if FULL else 3     # the tracking server is down this long, plus its restart
+EPOCHS = 3                       # per trial
 TINY = ["data=synthetic", "data.num_examples=480", "data.test_examples=32", "model.hidden_units=[8]",
-        "trainer.batch_size=32", "trainer.epochs=3", "trainer.save_model=true"]
+        "trainer.batch_size=32", f"trainer.epochs={EPOCHS}", "trainer.save_model=true"]
 STUDY = "rehearsal"
 
 
@@ -188,12 +189,15 @@ def _poll(condition, timeout: float, what: str, procs=()):
     pytest.fail(f"no {what} within {timeout} s")
 
 
-def _training_trial_run(client, pids=None):
-    """A trial's child run that is RUNNING and has logged an epoch (so: mid-trial), optionally of given pids."""
+def _training_trial_run(client, pids=None, epochs_left=False):
+    """A trial's child run that is RUNNING and has logged an epoch (so: mid-trial), optionally of given pids;
+    with ``epochs_left``, one that still has epochs to train (after its last one the worker may close the
+    run before a kill lands)."""
     for run in _runs(client):
         tags = run.data.tags
         if (tags.get("nics_fix.role") == "trial" and run.info.status == "RUNNING" and "train_loss" in run.data.metrics
-                and (pids is None or tags.get("nics_fix.pid") in pids)):
+                and (pids is None or tags.get("nics_fix.pid") in pids)
+                and (not epochs_left or len(client.get_metric_history(run.info.run_id, "train_loss")) < EPOCHS)):
             return run
     return None
 
@@ -273,7 +277,7 @@ def test_four_workers_over_http_survive_a_killed_worker_and_a_server_outage_behi
         refused = _strangers_are_refused(stack)  # while the workers start
         # Fault 1: SIGKILL worker 3 in the middle of one of its trials.
         victim = workers[3]
-        killed_run = _poll(lambda: _training_trial_run(client, {str(victim.pid)}), 1800,
+        killed_run = _poll(lambda: _training_trial_run(client, {str(victim.pid)}, epochs_left=True), 1800,
                            "trial of worker 3 in training", workers)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
