@@ -45,9 +45,8 @@ from tests.conftest import REPO, postgres_role
 FULL = os.environ.get("NICS_FIX_FULL_REHEARSAL") == "1"
 N_TRIALS = 4 if FULL else 2      # per worker
 OUTAGE_S = 20 if FULL else 3     # the tracking server is down this long, plus its restart
-EPOCHS = 3                       # per trial
 TINY = ["data=synthetic", "data.num_examples=480", "data.test_examples=32", "model.hidden_units=[8]",
-        "trainer.batch_size=32", f"trainer.epochs={EPOCHS}", "trainer.save_model=true"]
+        "trainer.batch_size=32", "trainer.epochs=3", "trainer.save_model=true"]
 STUDY = "rehearsal"
 
 
@@ -189,17 +188,34 @@ def _poll(condition, timeout: float, what: str, procs=()):
     pytest.fail(f"no {what} within {timeout} s")
 
 
-def _training_trial_run(client, pids=None, epochs_left=False):
-    """A trial's child run that is RUNNING and has logged an epoch (so: mid-trial), optionally of given pids;
-    with ``epochs_left``, one that still has epochs to train (after its last one the worker may close the
-    run before a kill lands)."""
+def _training_trial_run(client, pids=None):
+    """A trial's child run that is RUNNING and has logged an epoch (so: mid-trial), optionally of given pids."""
     for run in _runs(client):
         tags = run.data.tags
         if (tags.get("nics_fix.role") == "trial" and run.info.status == "RUNNING" and "train_loss" in run.data.metrics
-                and (pids is None or tags.get("nics_fix.pid") in pids)
-                and (not epochs_left or len(client.get_metric_history(run.info.run_id, "train_loss")) < EPOCHS)):
+                and (pids is None or tags.get("nics_fix.pid") in pids)):
             return run
     return None
+
+
+def _frozen_mid_trial(client, victim):
+    """``victim``'s trial run, with ``victim`` stopped (SIGSTOP) while that run is still RUNNING, or None.
+
+    A run seen RUNNING may end before a kill sent at once lands (its last epoch, evaluation and model
+    are quick); stopping the worker first, then reading the run again, leaves no such window. A run that
+    ended meanwhile lets the worker go on, for a later poll."""
+    run = _training_trial_run(client, {str(victim.pid)})
+    if run is None:
+        return None
+    victim.send_signal(signal.SIGSTOP)
+    still_running = False
+    try:
+        time.sleep(1)  # a request the worker sent before the stop reaches the server
+        still_running = client.get_run(run.info.run_id).info.status == "RUNNING"
+    finally:
+        if not still_running:
+            victim.send_signal(signal.SIGCONT)
+    return run if still_running else None
 
 
 _RETRY = re.compile(r"^\[(?P<time>[\d-]+ [\d:,]+)\]\[urllib3\.connectionpool\]\[WARNING\] - Retrying", re.M)
@@ -277,8 +293,7 @@ def test_four_workers_over_http_survive_a_killed_worker_and_a_server_outage_behi
         refused = _strangers_are_refused(stack)  # while the workers start
         # Fault 1: SIGKILL worker 3 in the middle of one of its trials.
         victim = workers[3]
-        killed_run = _poll(lambda: _training_trial_run(client, {str(victim.pid)}, epochs_left=True), 1800,
-                           "trial of worker 3 in training", workers)
+        killed_run = _poll(lambda: _frozen_mid_trial(client, victim), 1800, "trial of worker 3 in training", workers)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
         study = optuna.load_study(study_name=STUDY, storage=stack["optuna_db"])
