@@ -56,7 +56,7 @@ int CeilLog2Clamped(float m) {  // ceil(log2(m)) for m clamped to [2^-94, 2^126]
   return static_cast<int>(((bits + 0x7FFFFFu) & 0x7F800000u) >> 23) - 127;
 }
 
-// SIMD through GCC/Clang vector extensions, no intrinsics: Lanes<4> (16
+// SIMD through GCC/Clang vector extensions, no intrinsics: 4 float lanes (16
 // bytes) runs on every target; on x86-64 the same code is also compiled for
 // AVX2 with 8 lanes and chosen at run time, so one build works on every node
 // of a cluster whatever its CPU.
@@ -85,12 +85,6 @@ struct Vec {
   typedef typename Element<T>::Int Ints __attribute__((vector_size(sizeof(T) * N)));
 };
 
-template <int N>
-struct Lanes {
-  typedef typename Vec<float, N>::Values Floats;
-  typedef typename Vec<float, N>::Ints Ints;
-};
-
 template <typename V>
 NF_INLINE V Load(const float* p) {
   V v;
@@ -98,13 +92,13 @@ NF_INLINE V Load(const float* p) {
   return v;
 }
 
-// Every lane set to f, for the format's constants (bounds, steps, +-Inf):
-// never -0, which adding to zero lanes would turn into +0. Data lanes are
-// loaded or set one by one. GCC makes this one add and one broadcast outside
-// the loops; exact forms (f - V{}, a loop over the lanes) rebuilt the
-// vectors inside them.
-template <typename V>
-NF_INLINE V Splat(float f) {
+// Every lane set to f, for constants (the format's bounds and steps, +-Inf,
+// the rounding magic, a sign bit) and running extremes: never for data, since
+// adding -0 to zero lanes gives +0. Data lanes are loaded or set one by one.
+// GCC makes this one add and one broadcast outside the loops; exact forms
+// (f - V{}, a loop over the lanes) rebuilt the vectors inside them.
+template <typename V, typename T>
+NF_INLINE V Splat(T f) {
   V v = {};
   return v + f;
 }
@@ -142,10 +136,10 @@ NF_INLINE typename Vec<T, N>::Values RoundHalfEven(typename Vec<T, N>::Values s)
     return out;
   }
 #endif
-  const Ints sign_bit = Ints{} + std::numeric_limits<typename Element<T>::Int>::min();
+  const Ints sign_bit = Splat<Ints>(std::numeric_limits<typename Element<T>::Int>::min());
   const Ints sign = (Ints)s & sign_bit;  // a vector cast keeps the bits
   const Values magnitude = (Values)((Ints)s & ~sign_bit);
-  const Values magic = Values{} + Element<T>::kRoundingMagic;
+  const Values magic = Splat<Values>(Element<T>::kRoundingMagic);
   const Values rounded = (magnitude + magic) - magic;
   return (Values)((Ints)rounded | sign);
 }
@@ -167,9 +161,9 @@ NF_INLINE typename Vec<T, N>::Values QuantizeLanesV(typename Vec<T, N>::Values v
 }
 
 template <int N>
-NF_INLINE typename Lanes<N>::Floats QuantizeLanes(typename Lanes<N>::Floats v, float low, float high,
-                                               float step, float inv_step, typename Lanes<N>::Ints* clipped) {
-  typedef typename Lanes<N>::Floats Floats;
+NF_INLINE typename Vec<float, N>::Values QuantizeLanes(typename Vec<float, N>::Values v, float low, float high,
+                                                   float step, float inv_step, typename Vec<float, N>::Ints* clipped) {
+  typedef typename Vec<float, N>::Values Floats;
   return QuantizeLanesV<float, N>(v, Splat<Floats>(low), Splat<Floats>(high), Splat<Floats>(step),
                                   Splat<Floats>(inv_step), clipped);
 }
@@ -200,8 +194,8 @@ NF_INLINE int64_t AnySet(Ints mask, int lanes) {
 template <int N, bool kExtremes, bool kQuantize = true>
 NF_INLINE int64_t ChunkQuantizeN(const float* x, float* y, int64_t n, float low, float high, float step,
                               float inv_step, Extremes* extremes) {
-  typedef typename Lanes<N>::Floats Floats;
-  typedef typename Lanes<N>::Ints Ints;
+  typedef typename Vec<float, N>::Values Floats;
+  typedef typename Vec<float, N>::Ints Ints;
   Ints outside = Ints{}, clipped;
   Floats mx = Splat<Floats>(-std::numeric_limits<float>::infinity()), mn = -mx;
   int64_t i = 0;
@@ -252,7 +246,7 @@ struct ChannelGrids {
 // Max and min of each channel over the rows, into mx/mn (non-NaN elements only).
 template <int N>
 NF_INLINE void RowsExtremesN(const float* x, int64_t rows, int64_t C, float* mx, float* mn) {
-  typedef typename Lanes<N>::Floats Floats;
+  typedef typename Vec<float, N>::Values Floats;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * C;
     int64_t c = 0;
@@ -274,8 +268,8 @@ NF_INLINE void RowsExtremesN(const float* x, int64_t rows, int64_t C, float* mx,
 // Quantizes the rows channel by channel; returns nonzero when an element is NaN or clipped.
 template <int N>
 NF_INLINE int64_t RowsQuantizeN(const float* x, float* y, int64_t rows, int64_t C, const ChannelGrids& g) {
-  typedef typename Lanes<N>::Floats Floats;
-  typedef typename Lanes<N>::Ints Ints;
+  typedef typename Vec<float, N>::Values Floats;
+  typedef typename Vec<float, N>::Ints Ints;
   Ints outside = Ints{}, clipped;
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -713,13 +707,6 @@ class CachedQuantizeOp : public FixedPointQuantizeOp {
 // roundings, as the plain ops make them), its auto scale from float(t) (as the
 // plain ops cast it to take the scale), and t quantized in double, then
 // stored as float (exact: on the grid of at most 24 bits).
-template <int N>
-struct DoubleLanes {
-  typedef typename Vec<double, N>::Values Doubles;
-  typedef typename Vec<double, N>::Ints Longs;
-  typedef typename Vec<float, N>::Values Floats;
-};
-
 struct DoubleGrid {
   DoubleGrid(int scale, int bit_width) {
     const Grid g(scale, bit_width);
@@ -737,12 +724,12 @@ struct DoubleGrid {
 template <int N, bool kTrack, bool kWrite>
 NF_INLINE int64_t RowsScaleShiftN(const float* x, float* y, int64_t rows, int64_t C, const double* a,
                                   const double* shift, const DoubleGrid& g, float* mx, float* mn) {
-  typedef typename DoubleLanes<N>::Doubles Doubles;
-  typedef typename DoubleLanes<N>::Longs Longs;
-  typedef typename DoubleLanes<N>::Floats Floats;
-  const Doubles lo = Doubles{} + g.low, hi = Doubles{} + g.high, step = Doubles{} + g.step,
-                inv = Doubles{} + g.inv_step;
-  Floats fmx = Floats{} + *mx, fmn = Floats{} + *mn;
+  typedef typename Vec<double, N>::Values Doubles;
+  typedef typename Vec<double, N>::Ints Longs;
+  typedef typename Vec<float, N>::Values Floats;
+  const Doubles lo = Splat<Doubles>(g.low), hi = Splat<Doubles>(g.high), step = Splat<Doubles>(g.step),
+                inv = Splat<Doubles>(g.inv_step);
+  Floats fmx = Splat<Floats>(*mx), fmn = Splat<Floats>(*mn);
   Longs outside = Longs{};
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
